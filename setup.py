@@ -1,0 +1,35 @@
+"""t5x_lite: a compact, fast JAX/Flax codebase for encoder-decoder Transformers (T5 family, classic Transformer)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="t5x_lite",
+    version="0.1.0",
+    description="T5X with the weight taken off: encoder-decoder Transformers in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["t5x_lite", "t5x_lite.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9",
+        "grain>=0.2",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # torch is pinned: it is a CPU wheel on the build machines; an unpinned torch pulls a multi-GB CUDA build.
+        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
+        "tf": ["tensorflow-cpu"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)

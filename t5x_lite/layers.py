@@ -1,0 +1,353 @@
+"""Flax linen building blocks of the encoder-decoder Transformer.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) and every large activation a
+logical constraint, so that ``partitioning.py`` can place the same model on any mesh. Parameter names and
+layouts follow T5X (``token_embedder/embedding``, ``attention/query/kernel`` of shape [embed, heads, kv],
+``relpos_bias/rel_embedding`` of shape [heads, buckets]) so that T5-family checkpoints convert cleanly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Additive bias for masked attention logits: large enough to zero a softmax weight, finite so that a fully
+# masked row (a padding query) gives a uniform distribution rather than NaN.
+NEG_INF = -1e10
+
+Initializer = Callable[..., jax.Array]
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _normalize_axes(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(a % ndim for a in axes)
+
+
+class DenseGeneral(nn.Module):
+    """A linear map contracting ``axis`` of the input into ``features`` (a tuple for multi-head outputs)."""
+
+    features: int | tuple[int, ...]
+    axis: int | tuple[int, ...] = -1
+    kernel_axes: tuple[str, ...] = ()
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = _normalize_axes(self.axis, inputs.ndim)
+        kernel_shape = tuple(inputs.shape[a] for a in axis) + features
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            kernel_shape,
+            self.param_dtype,
+        )
+        kernel = jnp.asarray(kernel, self.dtype)
+        inputs = jnp.asarray(inputs, self.dtype)
+        contract = (axis, tuple(range(len(axis))))
+        out = jax.lax.dot_general(inputs, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[-len(features) :]),
+                features,
+                self.param_dtype,
+            )
+            out = out + jnp.asarray(bias, self.dtype)
+        return out
+
+
+class Embed(nn.Module):
+    """Token (or learned position) embedding table; ``attend`` reuses it as a tied output projection."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"Embed expects integer ids, got dtype {ids.dtype}")
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""
+        return jnp.einsum("...d,vd->...v", jnp.asarray(query, self.dtype), jnp.asarray(self.embedding, self.dtype))
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, variance computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(variance + self.epsilon)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        return jnp.asarray(y * jnp.asarray(scale, jnp.float32), self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Classic layer norm with scale and bias, statistics in float32."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features, self.param_dtype)
+        return jnp.asarray(y * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32), self.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_table(max_offset: int, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Buckets of relative positions -max_offset..max_offset, computed on the host once per shape."""
+    return relative_position_bucket(np.arange(-max_offset, max_offset + 1), bidirectional, num_buckets, max_distance)
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of ``key_position - query_position``: exact buckets near 0, log-spaced up to max_distance.
+
+    Computed with NumPy in float32, in the same order of operations as the reference implementations, so that
+    positions on a bucket boundary land in the same bucket (a float rounding there would change the logits).
+    """
+    rel = np.asarray(relative_position, np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        distance = np.abs(rel)
+    else:
+        distance = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    safe = np.maximum(distance, 1).astype(np.float32)
+    log_ratio = np.log(safe / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
+    large = max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(is_small, distance, large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head bias of each (query, key) position pair, looked up by T5's relative-position bucket."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_positions: int | jax.Array, key_length: int) -> jax.Array:
+        """Bias [1, heads, q, k]. ``query_positions`` is a query length (positions 0..q-1) or a [q] array."""
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets),
+            self.param_dtype,
+        )
+        if isinstance(query_positions, int):
+            rel = np.arange(key_length)[None, :] - np.arange(query_positions)[:, None]
+            buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        else:
+            lookup = _bucket_table(key_length, self.bidirectional, self.num_buckets, self.max_distance)
+            rel = jnp.arange(key_length)[None, :] - jnp.asarray(query_positions)[:, None]
+            buckets = jnp.take(jnp.asarray(lookup), rel + key_length, axis=0)
+        values = jnp.take(jnp.asarray(table, self.dtype), buckets, axis=1)  # [heads, q, k]
+        return values[None]
+
+
+def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
+    """Fixed sin/cos position encodings (Vaswani et al. 2017): [..., length] -> [..., length, features]."""
+    half = features // 2
+    inv_freq = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) * 2.0 / features)
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+    encoding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if features % 2:
+        encoding = jnp.pad(encoding, [(0, 0)] * (encoding.ndim - 1) + [(0, 1)])
+    return encoding
+
+
+def attention_mask_bias(
+    query_valid: jax.Array,
+    key_valid: jax.Array,
+    query_segment_ids: jax.Array | None = None,
+    key_segment_ids: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+    """Additive attention bias [batch, 1, q, k]: 0 where a query may see a key, NEG_INF elsewhere.
+
+    A key is hidden when it is padding, belongs to another packed segment, or (``causal``) lies in the future.
+    """
+    allowed = query_valid[:, :, None] & key_valid[:, None, :]
+    if query_segment_ids is not None and key_segment_ids is not None:
+        allowed &= query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    if causal:
+        q_len, k_len = query_valid.shape[1], key_valid.shape[1]
+        allowed &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),  # T5 v1.1's (HF "gelu_new")
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+MLP_ACTIVATIONS = tuple(list(_ACTIVATIONS) + [f"gated-{name}" for name in _ACTIVATIONS])
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with an optional key/value cache for step-by-step decoding.
+
+    Self-attention in decode mode writes the new key/value at ``decode_index`` of a cache sized at the first
+    (cache-creating) call; cross-attention in decode mode projects the encoder outputs once and reuses them.
+    """
+
+    num_heads: int
+    d_kv: int
+    dropout_rate: float = 0.0
+    scale_qk: bool = False
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        attention_bias: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+        decode_index: jax.Array | None = None,
+        is_cross_attention: bool = False,
+    ) -> jax.Array:
+        projection = functools.partial(
+            DenseGeneral,
+            features=(self.num_heads, self.d_kv),
+            kernel_axes=("embed", "heads", "kv"),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+        )
+        query = projection(name="query")(inputs_q)
+
+        cache_ready = decode and self.has_variable("cache", "cached_key")
+        if is_cross_attention and cache_ready:
+            key = self.get_variable("cache", "cached_key")
+            value = self.get_variable("cache", "cached_value")
+        else:
+            key = projection(name="key")(inputs_kv)
+            value = projection(name="value")(inputs_kv)
+            if decode and is_cross_attention:
+                self.put_variable("cache", "cached_key", key)
+                self.put_variable("cache", "cached_value", value)
+            elif decode:
+                cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+                cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+                if cache_ready:
+                    if decode_index is None:
+                        raise ValueError("self-attention in decode mode needs decode_index")
+                    start = (0, decode_index, 0, 0)
+                    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+                    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+                    key, value = cached_key.value, cached_value.value
+
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+        if self.scale_qk:
+            query = query / jnp.sqrt(self.d_kv).astype(query.dtype)
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        if attention_bias is not None:
+            logits = logits + attention_bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if not deterministic and self.dropout_rate > 0:
+            weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
+        out = DenseGeneral(
+            features=inputs_q.shape[-1],
+            axis=(-2, -1),
+            kernel_axes=("heads", "kv", "embed"),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+            name="out",
+        )(context)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+class MlpBlock(nn.Module):
+    """Position-wise feed-forward block: ``wi`` (or gated ``wi_0``/``wi_1``), activation, dropout, ``wo``."""
+
+    d_ff: int
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
+        dense = functools.partial(
+            DenseGeneral,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init,
+        )
+        gated = self.activation.startswith("gated-")
+        act = _ACTIVATIONS[self.activation.removeprefix("gated-")]
+        if gated:
+            hidden = act(dense(self.d_ff, kernel_axes=("embed", "mlp"), name="wi_0")(inputs))
+            hidden = hidden * dense(self.d_ff, kernel_axes=("embed", "mlp"), name="wi_1")(inputs)
+        else:
+            hidden = act(dense(self.d_ff, kernel_axes=("embed", "mlp"), name="wi")(inputs))
+        hidden = nn.Dropout(rate=self.dropout_rate)(hidden, deterministic=deterministic)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        out = dense(inputs.shape[-1], kernel_axes=("mlp", "embed"), name="wo")(hidden)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -1,0 +1,656 @@
+"""The encoder-decoder Transformer: one frozen ``TransformerConfig`` covers T5 v1.0, T5 v1.1 / mT5 and the
+classic Transformer of Vaswani et al. (2017).
+
+Usage::
+
+    model = Transformer(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    logits = model.apply({'params': params}, encoder_input_tokens, decoder_input_tokens)
+
+Token id 0 is padding (and T5's decoder start token), so padding masks come from ``tokens > 0``; packed rows
+pass ``*_segment_ids`` (and ``*_positions`` for absolute position embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import layers
+
+NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_POSITIONS = ("pre", "post")
+POSITION_EMBEDDINGS = ("relative", "sinusoidal", "learned")
+REMAT_POLICIES = ("none", "minimal", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Every architectural choice of the network. Frozen, hashable and JSON-serializable."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 8
+    d_kv: int | None = None  # per-head width; None means d_model // num_heads
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dropout_rate: float = 0.1
+    mlp_activation: str = "relu"  # relu | gelu | gelu_exact | silu, optionally "gated-" prefixed
+    norm_type: str = "rmsnorm"  # rmsnorm (T5) | layernorm (classic, with bias)
+    norm_position: str = "pre"  # pre (T5) | post (Vaswani et al.)
+    layer_norm_epsilon: float = 1e-6
+    position_embedding: str = "relative"  # relative (T5) | sinusoidal | learned
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    max_position_embeddings: int = 512  # table size of learned absolute positions
+    scale_qk: bool = False  # divide q.k by sqrt(d_kv) (classic); T5 folds it into the initialization
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (classic)
+    use_bias: bool = False  # biases in dense layers (classic)
+    share_embeddings: bool = True  # one token table for the encoder and the decoder
+    tie_word_embeddings: bool = True  # the output projection is the decoder's token table
+    rescale_logits: bool = True  # multiply the decoder output by d_model**-0.5 before projecting (T5 v1.0)
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"  # parameters
+    scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
+    remat_policy: str = "none"  # none | minimal (save matmul outputs) | full (save nothing)
+
+    def __post_init__(self) -> None:
+        def fail(field: str, message: str) -> None:
+            raise ValueError(f"TransformerConfig.{field}={getattr(self, field)!r}: {message}")
+
+        for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_encoder_layers", "num_decoder_layers"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                fail(field, "must be a positive integer")
+        if self.d_kv is None:
+            if self.d_model % self.num_heads:
+                fail(
+                    "num_heads",
+                    f"does not divide d_model={self.d_model}; choose num_heads dividing d_model or set d_kv explicitly",
+                )
+            object.__setattr__(self, "d_kv", self.d_model // self.num_heads)
+        elif not isinstance(self.d_kv, int) or self.d_kv <= 0:
+            fail("d_kv", "must be a positive integer or None (d_model // num_heads)")
+        choices = {
+            "mlp_activation": layers.MLP_ACTIVATIONS,
+            "norm_type": NORM_TYPES,
+            "norm_position": NORM_POSITIONS,
+            "position_embedding": POSITION_EMBEDDINGS,
+            "remat_policy": REMAT_POLICIES,
+            "dtype": DTYPES,
+            "param_dtype": DTYPES,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                fail(field, f"is unknown; choose one of {', '.join(allowed)}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            fail("dropout_rate", "must be in [0, 1)")
+        if self.position_embedding == "relative":
+            if self.relative_attention_num_buckets < 4:
+                fail("relative_attention_num_buckets", "must be at least 4")
+            if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+                fail("relative_attention_max_distance", "must exceed relative_attention_num_buckets // 4")
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TransformerConfig has no field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers shared by the encoder and decoder stacks.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    cls = layers.RMSNorm if cfg.norm_type == "rmsnorm" else layers.LayerNorm
+    return cls(epsilon=cfg.layer_norm_epsilon, dtype=cfg.activation_dtype, param_dtype=cfg.parameter_dtype, name=name)
+
+
+def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
+    return layers.MultiHeadAttention(
+        num_heads=cfg.num_heads,
+        d_kv=cfg.d_kv,
+        dropout_rate=cfg.dropout_rate,
+        scale_qk=cfg.scale_qk,
+        use_bias=cfg.use_bias,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.parameter_dtype,
+        name=name,
+    )
+
+
+def _mlp(cfg: TransformerConfig) -> layers.MlpBlock:
+    return layers.MlpBlock(
+        d_ff=cfg.d_ff,
+        activation=cfg.mlp_activation,
+        dropout_rate=cfg.dropout_rate,
+        use_bias=cfg.use_bias,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.parameter_dtype,
+        name="mlp",
+    )
+
+
+def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
+    # Classic Transformers scale embeddings by sqrt(d_model) and so start them small (as fairseq does).
+    stddev = cfg.d_model**-0.5 if cfg.scale_embeddings else 1.0
+    return layers.Embed(
+        num_embeddings=cfg.vocab_size,
+        features=cfg.d_model,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.parameter_dtype,
+        embedding_init=nn.initializers.normal(stddev=stddev),
+        name=name,
+    )
+
+
+def _sublayer(cfg: TransformerConfig, x: jax.Array, norm: nn.Module, fn, dropout: nn.Dropout, deterministic: bool):
+    """Residual sublayer: pre-LN ``x + drop(fn(norm(x)))`` or post-LN ``norm(x + drop(fn(x)))``."""
+    if cfg.norm_position == "pre":
+        return x + dropout(fn(norm(x)), deterministic=deterministic)
+    return norm(x + dropout(fn(x), deterministic=deterministic))
+
+
+def _norm_name(cfg: TransformerConfig, what: str) -> str:
+    return f"{cfg.norm_position}_{what}_layer_norm"
+
+
+def _remat_policy(name: str):
+    return {"minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, "full": None}[name]
+
+
+def _stack(
+    cfg: TransformerConfig,
+    layer_cls: type[nn.Module],
+    num_layers: int,
+    num_broadcast_args: int,
+    static_argnums: tuple[int, ...],
+    decode: bool,
+):
+    """Layer constructor for a stack: optionally rematerialized and scanned (one ``layers`` module, stacked
+    parameters with a leading ``layers`` axis) or unscanned (``layers_0``, ``layers_1``, ...)."""
+    if cfg.remat_policy != "none" and not decode:
+        layer_cls = nn.remat(layer_cls, policy=_remat_policy(cfg.remat_policy), static_argnums=static_argnums, prevent_cse=not cfg.scan_layers)
+    if not cfg.scan_layers:
+        return [functools.partial(layer_cls, config=cfg, name=f"layers_{i}") for i in range(num_layers)]
+    scanned = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_broadcast_args,  # every argument after the carry
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return [functools.partial(scanned, config=cfg, scanned=True, name="layers")]
+
+
+def _add_positions(cfg: TransformerConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+    if cfg.position_embedding == "sinusoidal":
+        return x + layers.sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
+    if cfg.position_embedding == "learned":
+        table = layers.Embed(
+            num_embeddings=cfg.max_position_embeddings,
+            features=cfg.d_model,
+            axes=("abspos_buckets", "embed"),
+            dtype=cfg.activation_dtype,
+            param_dtype=cfg.parameter_dtype,
+            embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
+            name="position_embedder",
+        )
+        return x + table(positions)
+    return x
+
+
+def _relpos_bias(cfg: TransformerConfig, bidirectional: bool) -> layers.RelativePositionBiases:
+    """The stack's one relative-position table (``relpos_bias``), shared by all of its layers."""
+    return layers.RelativePositionBiases(
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance,
+        num_heads=cfg.num_heads,
+        bidirectional=bidirectional,
+        dtype=jnp.float32,
+        param_dtype=cfg.parameter_dtype,
+        name="relpos_bias",
+    )
+
+
+def _default_positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layers.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention and MLP sublayers; ``scanned`` makes it return ``(x, None)`` for nn.scan."""
+
+    config: TransformerConfig
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_bias: jax.Array, deterministic: bool = True):
+        cfg = self.config
+        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        attention = _attention(cfg, "attention")
+        x = _sublayer(
+            cfg, x, _norm(cfg, _norm_name(cfg, "attention")), lambda h: attention(h, h, attention_bias, deterministic=deterministic), dropout, deterministic
+        )
+        mlp = _mlp(cfg)
+        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scanned else x
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, and MLP sublayers."""
+
+    config: TransformerConfig
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        encoded: jax.Array,
+        self_attention_bias: jax.Array,
+        cross_attention_bias: jax.Array,
+        deterministic: bool = True,
+        decode: bool = False,
+        decode_index: jax.Array | None = None,
+    ):
+        cfg = self.config
+        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        self_attention = _attention(cfg, "self_attention")
+        cross_attention = _attention(cfg, "encoder_decoder_attention")
+
+        def attend_self(h):
+            return self_attention(h, h, self_attention_bias, deterministic=deterministic, decode=decode, decode_index=decode_index)
+
+        def attend_encoder(h):
+            return cross_attention(
+                h, encoded, cross_attention_bias, deterministic=deterministic, decode=decode, is_cross_attention=True
+            )
+
+        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "self_attention")), attend_self, dropout, deterministic)
+        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "cross_attention")), attend_encoder, dropout, deterministic)
+        mlp = _mlp(cfg)
+        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scanned else x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stacks.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Token (+ position) embedding, ``num_encoder_layers`` layers, final norm (pre-LN) and dropout."""
+
+    config: TransformerConfig
+    shared_embedding: nn.Module | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        embed = self.shared_embedding if self.shared_embedding is not None else _embed(cfg, "token_embedder")
+        x = embed(tokens.astype(jnp.int32))
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        positions = _default_positions(tokens) if positions is None else positions
+        x = _add_positions(cfg, x, positions)
+        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        x = dropout(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        valid = tokens > 0
+        bias = layers.attention_mask_bias(valid, valid, segment_ids, segment_ids)
+        if cfg.position_embedding == "relative":
+            bias = bias + _relpos_bias(cfg, bidirectional=True)(tokens.shape[1], tokens.shape[1])
+
+        for layer in _stack(cfg, EncoderLayer, cfg.num_encoder_layers, 2, static_argnums=(3,), decode=False):
+            x = layer()(x, bias, deterministic)
+            x = x[0] if cfg.scan_layers else x
+        if cfg.norm_position == "pre":
+            x = _norm(cfg, "encoder_norm")(x)
+            x = dropout(x, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+
+class Decoder(nn.Module):
+    """Embedding, ``num_decoder_layers`` layers, final norm, and the output projection to vocabulary logits.
+
+    With ``decode=True`` the first call (on a [batch, max_length] dummy target) creates the key/value cache;
+    later calls take one token per row, [batch, 1], and advance the cache by one position.
+    """
+
+    config: TransformerConfig
+    shared_embedding: nn.Module | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        cfg = self.config
+        batch, length = decoder_input_tokens.shape
+        embed = self.shared_embedding if self.shared_embedding is not None else _embed(cfg, "token_embedder")
+        encoder_valid = encoder_input_tokens > 0
+
+        stepping = decode and self.has_variable("cache", "cache_index")
+        if stepping:
+            # One new token per row at position ``index`` of the cache.
+            index_var = self.variable("cache", "cache_index")
+            key_positions = self.get_variable("cache", "key_positions")
+            index = index_var.value
+            index_var.value = index + 1
+            positions = jnp.full((batch, length), index, jnp.int32)
+            self_bias = jnp.where(key_positions[None, None, None, :] <= index, 0.0, layers.NEG_INF).astype(jnp.float32)
+            if cfg.position_embedding == "relative":
+                self_bias = self_bias + _relpos_bias(cfg, bidirectional=False)(index[None], key_positions.shape[0])
+            cross_bias = jnp.where(encoder_valid, 0.0, layers.NEG_INF).astype(jnp.float32)[:, None, None, :]
+        else:
+            if decode:  # cache-creating call
+                self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+                self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+            index = None
+            positions = _default_positions(decoder_input_tokens) if decoder_positions is None else decoder_positions
+            decoder_valid = decoder_target_tokens > 0 if decoder_target_tokens is not None else jnp.ones((batch, length), bool)
+            self_bias = layers.attention_mask_bias(decoder_valid, decoder_valid, decoder_segment_ids, decoder_segment_ids, causal=True)
+            cross_bias = layers.attention_mask_bias(decoder_valid, encoder_valid, decoder_segment_ids, encoder_segment_ids)
+            if cfg.position_embedding == "relative":
+                self_bias = self_bias + _relpos_bias(cfg, bidirectional=False)(length, length)
+
+        x = embed(decoder_input_tokens.astype(jnp.int32))
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        x = _add_positions(cfg, x, positions)
+        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        x = dropout(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        for layer in _stack(cfg, DecoderLayer, cfg.num_decoder_layers, 6, static_argnums=(5, 6), decode=decode):
+            x = layer()(x, encoded, self_bias, cross_bias, deterministic, decode, index)
+            x = x[0] if cfg.scan_layers else x
+        if cfg.norm_position == "pre":
+            x = _norm(cfg, "decoder_norm")(x)
+            x = dropout(x, deterministic=deterministic)
+
+        if cfg.rescale_logits:
+            x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = layers.DenseGeneral(
+                cfg.vocab_size,
+                kernel_axes=("embed", "vocab"),
+                dtype=cfg.activation_dtype,
+                param_dtype=cfg.parameter_dtype,
+                name="logits_dense",
+            )(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer: ``__call__`` for teacher forcing, ``encode``/``decode`` for decoding."""
+
+    config: TransformerConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        shared = _embed(cfg, "token_embedder") if cfg.share_embeddings else None
+        self.encoder = Encoder(cfg, shared_embedding=shared)
+        self.decoder = Decoder(cfg, shared_embedding=shared)
+
+    def encode(
+        self,
+        encoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        enable_dropout: bool = False,
+    ) -> jax.Array:
+        """Encoder outputs [batch, input_len, d_model]."""
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, deterministic=not enable_dropout)
+
+    def decode(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        enable_dropout: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        """Logits [batch, target_len, vocab] (float32) given the encoder outputs."""
+        return self.decoder(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            decoder_positions,
+            deterministic=not enable_dropout,
+            decode=decode,
+        )
+
+    def __call__(
+        self,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        enable_dropout: bool = False,
+    ) -> jax.Array:
+        """Teacher-forced logits [batch, target_len, vocab] (float32)."""
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, enable_dropout)
+        return self.decode(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            decoder_positions,
+            enable_dropout,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Functional helpers: init, shapes, parameter counts, layout conversion, cache.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dummy_inputs(batch: int = 1, input_length: int = 8, target_length: int = 8):
+    return jnp.ones((batch, input_length), jnp.int32), jnp.ones((batch, target_length), jnp.int32)
+
+
+def init_params(cfg: TransformerConfig, rng: jax.Array, input_length: int = 8, target_length: int = 8) -> Any:
+    """Initialized parameters (plain arrays, logical-axis boxes removed)."""
+    encoder_tokens, decoder_tokens = _dummy_inputs(1, input_length, target_length)
+    variables = Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: TransformerConfig) -> Any:
+    """Shapes and dtypes of the parameters, as boxed ``ShapeDtypeStruct``s, computed without materializing."""
+    encoder_tokens, decoder_tokens = _dummy_inputs()
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), encoder_tokens, decoder_tokens))["params"]
+
+
+def param_logical_axes(cfg: TransformerConfig) -> Any:
+    """PartitionSpec of logical axis names for every parameter (used by partitioning.py)."""
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def count_params(cfg: TransformerConfig) -> int:
+    """Number of parameters, counted from shapes only (works for 11B models on a laptop)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+
+
+def check_params_match(cfg: TransformerConfig, params: Any, source: str = "the checkpoint") -> None:
+    """Raise a one-line ValueError naming the config field when ``params`` do not fit ``cfg``."""
+    expected = {"/".join(k): v.shape for k, v in _flatten(nn.meta.unbox(abstract_params(cfg))).items()}
+    actual = {"/".join(k): np.shape(v) for k, v in _flatten(params).items()}
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected {extra[0]}"
+        raise ValueError(
+            f"{source} does not fit TransformerConfig: it {what} "
+            "(check scan_layers, tie_word_embeddings, share_embeddings, mlp_activation, norm_type, position_embedding)"
+        )
+    for name, shape in expected.items():
+        if tuple(actual[name]) != tuple(shape):
+            field = _field_for_mismatch(cfg, name, shape, actual[name])
+            raise ValueError(
+                f"TransformerConfig.{field}={getattr(cfg, field)!r} does not match {source}: "
+                f"{name} has shape {tuple(actual[name])}, the config gives {tuple(shape)}"
+            )
+
+
+def _field_for_mismatch(cfg: TransformerConfig, name: str, expected: tuple, actual: tuple) -> str:
+    """The config field most likely responsible for a shape mismatch of parameter ``name``."""
+    values = {
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "num_heads": cfg.num_heads,
+        "d_kv": cfg.d_kv,
+        "d_ff": cfg.d_ff,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "max_position_embeddings": cfg.max_position_embeddings,
+    }
+    layers_field = "num_decoder_layers" if name.startswith("decoder") else "num_encoder_layers"
+    if cfg.scan_layers and len(expected) and len(actual) and expected[0] != actual[0]:
+        return layers_field
+    for dim_expected, dim_actual in zip(expected, actual):
+        if dim_expected != dim_actual:
+            if "token_embedder" in name or "logits_dense" in name:
+                return "vocab_size" if dim_expected == cfg.vocab_size else "d_model"
+            if "relpos" in name:
+                return "num_heads" if dim_expected == cfg.num_heads else "relative_attention_num_buckets"
+            if "position_embedder" in name:
+                return "max_position_embeddings" if dim_expected == cfg.max_position_embeddings else "d_model"
+            for field in ("d_model", "d_ff", "num_heads", "d_kv"):
+                if dim_expected == values[field]:
+                    return field
+    return "d_model"
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree)
+
+
+def scan_params(params: Any, cfg: TransformerConfig) -> Any:
+    """Unscanned layout (``layers_0``, ``layers_1`` ...) -> scanned (``layers`` with a leading layer axis)."""
+    from flax import traverse_util
+
+    out = dict(params)
+    for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        stack_params = dict(params[stack])
+        per_layer = [stack_params.pop(f"layers_{i}") for i in range(n)]
+        flat = [traverse_util.flatten_dict(p) for p in per_layer]
+        stacked = {k: jnp.stack([f[k] for f in flat]) for k in flat[0]}
+        stack_params["layers"] = traverse_util.unflatten_dict(stacked)
+        out[stack] = stack_params
+    return out
+
+
+def unscan_params(params: Any, cfg: TransformerConfig) -> Any:
+    """Scanned layout -> unscanned layout (inverse of ``scan_params``)."""
+    out = dict(params)
+    for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        stack_params = dict(params[stack])
+        stacked = stack_params.pop("layers")
+        for i in range(n):
+            stack_params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        out[stack] = stack_params
+    return out
+
+
+def init_decode_cache(
+    cfg: TransformerConfig, params: Any, encoded: jax.Array, encoder_input_tokens: jax.Array, max_decode_length: int
+) -> Any:
+    """Key/value cache for ``max_decode_length`` steps, with the cross-attention keys/values of ``encoded``."""
+    batch = encoded.shape[0]
+    _, variables = Transformer(cfg).apply(
+        {"params": params},
+        encoded,
+        encoder_input_tokens,
+        jnp.zeros((batch, max_decode_length), jnp.int32),
+        decode=True,
+        method=Transformer.decode,
+        mutable=["cache"],
+    )
+    return variables["cache"]
+
+
+def decode_step(cfg: TransformerConfig, params: Any, cache: Any, encoded: jax.Array, encoder_input_tokens: jax.Array, tokens: jax.Array):
+    """Logits [batch, vocab] of the next token after feeding ``tokens`` [batch] at the cache's position."""
+    logits, variables = Transformer(cfg).apply(
+        {"params": params, "cache": cache},
+        encoded,
+        encoder_input_tokens,
+        tokens[:, None],
+        decode=True,
+        method=Transformer.decode,
+        mutable=["cache"],
+    )
+    return logits[:, 0], variables["cache"]
