@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["t5x_lite", "t5x_lite.*"]),
+    packages=find_packages(include=["t5x_lite", "t5x_lite.*", "configs"]),
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -100,7 +100,7 @@ def _check_t5_style(cfg: TransformerConfig) -> None:
 
 
 def _attention_from_hf(get, prefix: str, cfg: TransformerConfig) -> dict[str, Any]:
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     out = {name: {"kernel": get(f"{prefix}.{hf}.weight", (h * k, d)).T.reshape(d, h, k)} for name, hf in (("query", "q"), ("key", "k"), ("value", "v"))}
     out["out"] = {"kernel": get(f"{prefix}.o.weight", (d, h * k)).T.reshape(h, k, d)}
     return out
@@ -170,7 +170,7 @@ def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], 
 
 
 def _mismatched_field(cfg: TransformerConfig, expected: tuple[int, ...], actual: tuple[int, ...]) -> str:
-    inner = cfg.num_heads * cfg.d_kv
+    inner = cfg.num_heads * cfg.head_dim
     for e, a in zip(expected, actual):
         if e != a:
             for field, value in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("vocab_size", cfg.vocab_size), ("relative_attention_num_buckets", cfg.relative_attention_num_buckets)):
@@ -195,13 +195,15 @@ def jax_tree_numpy(tree: Any) -> Any:
 def params_to_hf(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
     """Hugging Face T5ForConditionalGeneration state dict (NumPy) of t5x_lite ``params``.
 
-    Includes the tied copies (``encoder/decoder.embed_tokens.weight``, ``lm_head.weight``) so that
-    ``model.load_state_dict(...)`` accepts it as is.
+    Includes the tied copies (``encoder/decoder.embed_tokens.weight``, ``lm_head.weight``), so every key of
+    ``T5ForConditionalGeneration.state_dict()`` is present. transformers 5.x ties ``lm_head`` to ``shared`` in
+    memory: for an untied model (T5 v1.1) give the HF model its own ``lm_head`` before ``load_state_dict``, or
+    use ``save_hf_dir`` + ``from_pretrained``, which unties when the two arrays differ.
     """
     _check_t5_style(cfg)
     check_params_match(cfg, params, source="the params")
     tree = jax_tree_numpy(unscan_params(params, cfg) if cfg.scan_layers else params)
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     out: dict[str, np.ndarray] = {}
 
     def put_attention(prefix: str, attn: Mapping[str, Any]) -> None:
@@ -252,7 +254,7 @@ def hf_config_from(cfg: TransformerConfig) -> dict[str, Any]:
         "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size,
         "d_model": cfg.d_model,
-        "d_kv": cfg.d_kv,
+        "d_kv": cfg.head_dim,
         "d_ff": cfg.d_ff,
         "num_layers": cfg.num_encoder_layers,
         "num_decoder_layers": cfg.num_decoder_layers,

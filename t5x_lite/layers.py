@@ -46,9 +46,15 @@ class DenseGeneral(nn.Module):
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         axis = _normalize_axes(self.axis, inputs.ndim)
         kernel_shape = tuple(inputs.shape[a] for a in axis) + features
+        fan_in, fan_out = math.prod(kernel_shape[: len(axis)]), math.prod(features)
+
+        def init_as_matrix(key, shape, dtype):
+            # Fan-in/out of the [in, out] matrix the kernel stands for, whatever its number of axes.
+            return self.kernel_init(key, (fan_in, fan_out), dtype).reshape(shape)
+
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            nn.with_logical_partitioning(init_as_matrix, self.kernel_axes),
             kernel_shape,
             self.param_dtype,
         )
@@ -270,7 +276,11 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=self.kernel_init,
         )
-        query = projection(name="query")(inputs_q)
+        if self.scale_qk:
+            query_init = self.kernel_init
+        else:  # T5: the 1/sqrt(d_kv) of dot-product attention is folded into the query's initialization
+            query_init = lambda *args: self.kernel_init(*args) / math.sqrt(self.d_kv)
+        query = projection(kernel_init=query_init, name="query")(inputs_q)
 
         cache_ready = decode and self.has_variable("cache", "cached_key")
         if is_cross_attention and cache_ready:

@@ -53,7 +53,7 @@ class TransformerConfig:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     max_position_embeddings: int = 512  # table size of learned absolute positions
-    scale_qk: bool = False  # divide q.k by sqrt(d_kv) (classic); T5 folds it into the initialization
+    scale_qk: bool = False  # divide q.k by sqrt(d_kv) (classic); T5 folds it into the query's initialization
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (classic)
     use_bias: bool = False  # biases in dense layers (classic)
     share_embeddings: bool = True  # one token table for the encoder and the decoder
@@ -77,7 +77,6 @@ class TransformerConfig:
                     "num_heads",
                     f"does not divide d_model={self.d_model}; choose num_heads dividing d_model or set d_kv explicitly",
                 )
-            object.__setattr__(self, "d_kv", self.d_model // self.num_heads)
         elif not isinstance(self.d_kv, int) or self.d_kv <= 0:
             fail("d_kv", "must be a positive integer or None (d_model // num_heads)")
         choices = {
@@ -99,6 +98,11 @@ class TransformerConfig:
                 fail("relative_attention_num_buckets", "must be at least 4")
             if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
                 fail("relative_attention_max_distance", "must exceed relative_attention_num_buckets // 4")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width: ``d_kv`` when set, else ``d_model // num_heads``."""
+        return self.d_kv if self.d_kv is not None else self.d_model // self.num_heads
 
     @property
     def activation_dtype(self) -> jnp.dtype:
@@ -139,7 +143,7 @@ def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
 def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
     return layers.MultiHeadAttention(
         num_heads=cfg.num_heads,
-        d_kv=cfg.d_kv,
+        d_kv=cfg.head_dim,
         dropout_rate=cfg.dropout_rate,
         scale_qk=cfg.scale_qk,
         use_bias=cfg.use_bias,
@@ -523,8 +527,12 @@ def _dummy_inputs(batch: int = 1, input_length: int = 8, target_length: int = 8)
 def init_params(cfg: TransformerConfig, rng: jax.Array, input_length: int = 8, target_length: int = 8) -> Any:
     """Initialized parameters (plain arrays, logical-axis boxes removed)."""
     encoder_tokens, decoder_tokens = _dummy_inputs(1, input_length, target_length)
-    variables = Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)
-    return nn.meta.unbox(variables["params"])
+
+    @jax.jit
+    def init(rng):
+        return nn.meta.unbox(Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)["params"])
+
+    return init(rng)
 
 
 def abstract_params(cfg: TransformerConfig) -> Any:
@@ -553,7 +561,8 @@ def check_params_match(cfg: TransformerConfig, params: Any, source: str = "the c
         what = f"lacks {missing[0]}" if missing else f"has unexpected {extra[0]}"
         raise ValueError(
             f"{source} does not fit TransformerConfig: it {what} "
-            "(check scan_layers, tie_word_embeddings, share_embeddings, mlp_activation, norm_type, position_embedding)"
+            "(check num_encoder_layers, num_decoder_layers, scan_layers, tie_word_embeddings, share_embeddings, "
+            "mlp_activation, norm_type, norm_position, position_embedding, use_bias)"
         )
     for name, shape in expected.items():
         if tuple(actual[name]) != tuple(shape):
@@ -570,7 +579,7 @@ def _field_for_mismatch(cfg: TransformerConfig, name: str, expected: tuple, actu
         "vocab_size": cfg.vocab_size,
         "d_model": cfg.d_model,
         "num_heads": cfg.num_heads,
-        "d_kv": cfg.d_kv,
+        "d_kv": cfg.head_dim,
         "d_ff": cfg.d_ff,
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "max_position_embeddings": cfg.max_position_embeddings,

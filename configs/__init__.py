@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections) and model-size presets (``configs.common``)."""

@@ -1,0 +1,61 @@
+"""Shared fixtures; collects the parity figures that the run prints at its end."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+def random_params(cfg, seed: int = 0):
+    """Parameters of ``cfg`` drawn with NumPy: no compilation (jit-compiling an init costs ~8 s on 2 CPU cores,
+    mostly the per-parameter random number generators), for tests that check properties, not initialization."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from t5x_lite import network
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif name in ("embedding", "rel_embedding"):
+            value = rng.standard_normal(leaf.shape)
+        else:  # kernels and biases: small enough that activations stay O(1) at test widths
+            value = 0.2 * rng.standard_normal(leaf.shape)
+        return np.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(network.abstract_params(cfg)))
+
+
+PARITY_RECORDS: list[tuple[str, float, float]] = []
+
+
+@pytest.fixture
+def record_parity():
+    """Call with (config name, max |delta|, bound); the table is printed at the end of the run."""
+
+    def record(name: str, max_delta: float, bound: float) -> None:
+        PARITY_RECORDS.append((name, float(max_delta), float(bound)))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not PARITY_RECORDS:
+        return
+    terminalreporter.section("parity against transformers' PyTorch T5 (fp32 logits)")
+    width = max(len(name) for name, _, _ in PARITY_RECORDS)
+    for name, delta, bound in PARITY_RECORDS:
+        verdict = "ok" if delta <= bound else "FAIL"
+        terminalreporter.write_line(f"{name:<{width}}  max |delta| = {delta:.3e}  (bound {bound:.0e})  {verdict}")
+
+
+@pytest.fixture(name="random_params")
+def random_params_fixture():
+    return random_params

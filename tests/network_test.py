@@ -1,0 +1,317 @@
+"""The Transformer as a whole: config validation, masking and packing, scan/remat, decode mode, dtypes."""
+
+from __future__ import annotations
+
+import functools
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs.common import get_model_config
+from t5x_lite import network
+from t5x_lite.network import Transformer, TransformerConfig
+from tests.conftest import random_params
+
+SMALL = dict(vocab_size=60, d_model=16, num_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+
+# One config per family and position scheme; every masking property is checked on each.
+FAMILIES = {
+    "t5_v1_0": dict(SMALL, mlp_activation="relu"),
+    "t5_v1_1": dict(SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, num_heads=3, d_kv=5),
+    "classic_post_ln_sinusoidal": dict(
+        SMALL,
+        norm_type="layernorm",
+        norm_position="post",
+        position_embedding="sinusoidal",
+        scale_qk=True,
+        scale_embeddings=True,
+        use_bias=True,
+        rescale_logits=False,
+    ),
+    "classic_pre_ln_learned_unshared": dict(
+        SMALL,
+        norm_type="layernorm",
+        position_embedding="learned",
+        max_position_embeddings=32,
+        scale_qk=True,
+        share_embeddings=False,
+        tie_word_embeddings=False,
+        rescale_logits=False,
+        use_bias=True,
+    ),
+}
+
+
+def _setup(overrides, seed=0):
+    cfg = TransformerConfig(**overrides)
+    return cfg, random_params(cfg, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+    return jax.jit(lambda params, *args: Transformer(cfg).apply({"params": params}, *args))
+
+
+def _apply(cfg, params, *args):
+    """Jit-compiled teacher-forced logits (eager flax dispatch would make the suite several times slower)."""
+    return np.asarray(_forward(cfg)(params, *args))
+
+
+def _tokens(shape, seed, vocab=60):
+    return np.random.default_rng(seed).integers(2, vocab, shape).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------- config errors
+
+
+def test_heads_that_do_not_divide_d_model_name_the_field():
+    with pytest.raises(ValueError, match=r"^TransformerConfig\.num_heads=7: does not divide d_model=512") as error:
+        TransformerConfig(d_model=512, num_heads=7)
+    assert "\n" not in str(error.value)
+    # An explicit d_kv makes any head count valid (T5 v1.1 small has 6 heads of 64 over d_model 512).
+    assert TransformerConfig(d_model=512, num_heads=6, d_kv=64).d_kv == 64
+
+
+def test_unknown_activation_and_fields_name_the_field():
+    with pytest.raises(ValueError, match=r"^TransformerConfig\.mlp_activation='swiglu': is unknown; choose one of"):
+        TransformerConfig(mlp_activation="swiglu")
+    with pytest.raises(ValueError, match=r"TransformerConfig\.norm_type='batchnorm'"):
+        TransformerConfig(norm_type="batchnorm")
+    with pytest.raises(ValueError, match=r"TransformerConfig\.d_model=0"):
+        TransformerConfig(d_model=0)
+    with pytest.raises(ValueError, match=r"TransformerConfig has no field 'hidden_size'"):
+        TransformerConfig.from_dict({"hidden_size": 3})
+    with pytest.raises(ValueError, match="unknown model preset 't5_huge'"):
+        get_model_config("t5_huge")
+
+
+def test_config_round_trips_through_json():
+    cfg = get_model_config("t5_v1_1_small", dropout_rate=0.0, scan_layers=True)
+    import json
+
+    assert TransformerConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert hash(cfg) == hash(TransformerConfig.from_dict(cfg.to_dict()))
+
+
+def test_params_that_do_not_fit_the_config_name_the_field():
+    cfg, params = _setup(FAMILIES["t5_v1_0"])
+    with pytest.raises(ValueError, match=r"^TransformerConfig\.d_model=32 does not match the checkpoint: .* has shape"):
+        network.check_params_match(cfg.replace(d_model=32), params)
+    with pytest.raises(ValueError, match=r"^TransformerConfig\.d_ff=48 does not match"):
+        network.check_params_match(cfg.replace(d_ff=48), params)
+    with pytest.raises(ValueError, match=r"does not fit TransformerConfig: it lacks"):
+        network.check_params_match(cfg.replace(mlp_activation="gated-relu"), params)
+
+
+# ----------------------------------------------------------------------------------------------- structure
+
+
+def test_parameter_names_follow_t5x():
+    cfg = get_model_config("t5_tiny")
+    names = {"/".join(k) for k in traverse_util.flatten_dict(nn.meta.unbox(network.abstract_params(cfg)))}
+    for expected in [
+        "token_embedder/embedding",
+        "encoder/relpos_bias/rel_embedding",
+        "encoder/layers_0/attention/query/kernel",
+        "encoder/layers_1/pre_attention_layer_norm/scale",
+        "encoder/layers_0/mlp/wi_0/kernel",
+        "encoder/layers_0/mlp/wi_1/kernel",
+        "encoder/layers_0/mlp/wo/kernel",
+        "encoder/encoder_norm/scale",
+        "decoder/relpos_bias/rel_embedding",
+        "decoder/layers_0/self_attention/out/kernel",
+        "decoder/layers_0/encoder_decoder_attention/key/kernel",
+        "decoder/layers_0/pre_cross_attention_layer_norm/scale",
+        "decoder/decoder_norm/scale",
+        "decoder/logits_dense/kernel",
+    ]:
+        assert expected in names, expected
+    assert not any("relpos" in n for n in names if "layers_" in n), "one relative-position table per stack"
+    assert not any("encoder_decoder_attention" in n and "relpos" in n for n in names)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_parameter_has_logical_axes(scan):
+    cfg = get_model_config("t5_tiny", scan_layers=scan)
+    boxed = traverse_util.flatten_dict(network.abstract_params(cfg), is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
+    for name, value in boxed.items():
+        assert isinstance(value, nn.Partitioned), name
+        assert len(value.names) == len(value.value.shape), name
+        assert all(isinstance(axis, str) for axis in value.names), name
+        if scan and "layers" in name:
+            assert value.names[0] == "layers", name
+    specs = network.param_logical_axes(cfg)
+    assert tuple(specs["token_embedder"]["embedding"]) == ("vocab", "embed")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_forward_shapes_and_dtype(family):
+    cfg, params = _setup(FAMILIES[family])
+    logits = _apply(cfg, params, _tokens((3, 9), 0), _tokens((3, 7), 1))
+    assert logits.shape == (3, 7, 60)
+    assert logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+
+
+def test_classic_post_ln_has_no_final_norm_and_t5_has_no_biases():
+    classic = nn.meta.unbox(network.abstract_params(TransformerConfig(**FAMILIES["classic_post_ln_sinusoidal"])))
+    assert "encoder_norm" not in classic["encoder"]
+    assert "post_attention_layer_norm" in classic["encoder"]["layers_0"]
+    assert "bias" in classic["encoder"]["layers_0"]["attention"]["query"]
+    assert "relpos_bias" not in classic["encoder"]
+    t5 = traverse_util.flatten_dict(nn.meta.unbox(network.abstract_params(TransformerConfig(**FAMILIES["t5_v1_0"]))))
+    assert not any(k[-1] == "bias" for k in t5)
+
+
+# ----------------------------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_padding_never_influences_real_tokens(family):
+    """Appending padding to inputs and targets leaves the logits of real positions unchanged."""
+    cfg, params = _setup(FAMILIES[family])
+    inputs, targets = _tokens((2, 6), 2), _tokens((2, 5), 3)
+    base = _apply(cfg, params, inputs, targets, targets)
+    padded_inputs = np.pad(inputs, [(0, 0), (0, 4)])
+    padded_targets = np.pad(targets, [(0, 0), (0, 3)])
+    padded = _apply(cfg, params, padded_inputs, padded_targets, padded_targets)
+    np.testing.assert_allclose(padded[:, :5], base, rtol=1e-5, atol=1e-5)
+    # Garbage in a padded slot of the decoder input cannot reach earlier positions (causality).
+    noisy_targets = padded_targets.copy()
+    noisy_targets[:, 5:] = 7
+    noisy = _apply(cfg, params, padded_inputs, noisy_targets, padded_targets)
+    np.testing.assert_allclose(noisy[:, :5], base, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_is_causal(family):
+    cfg, params = _setup(FAMILIES[family])
+    inputs, targets = _tokens((2, 6), 4), _tokens((2, 8), 5)
+    base = _apply(cfg, params, inputs, targets)
+    changed = targets.copy()
+    changed[:, 5] = (changed[:, 5] + 1) % 58 + 2
+    after = _apply(cfg, params, inputs, changed)
+    np.testing.assert_allclose(after[:, :5], base[:, :5], rtol=1e-5, atol=1e-5)
+    assert np.abs(after[:, 5:] - base[:, 5:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_examples_never_see_each_other(family):
+    """Two examples packed in one row give the logits each gives alone."""
+    cfg, params = _setup(FAMILIES[family])
+    in_a, in_b = _tokens((1, 5), 6), _tokens((1, 4), 7)
+    tg_a, tg_b = _tokens((1, 3), 8), _tokens((1, 4), 9)
+    alone_a = _apply(cfg, params, in_a, tg_a, tg_a)
+    alone_b = _apply(cfg, params, in_b, tg_b, tg_b)
+    packed_in = np.concatenate([in_a, in_b, np.zeros((1, 2), np.int32)], 1)
+    packed_tg = np.concatenate([tg_a, tg_b, np.zeros((1, 1), np.int32)], 1)
+    enc_seg = np.array([[1] * 5 + [2] * 4 + [0] * 2])
+    dec_seg = np.array([[1] * 3 + [2] * 4 + [0]])
+    enc_pos = np.array([list(range(5)) + list(range(4)) + [0, 0]])
+    dec_pos = np.array([list(range(3)) + list(range(4)) + [0]])
+    packed = _apply(cfg, params, packed_in, packed_tg, packed_tg, enc_seg, dec_seg, enc_pos, dec_pos)
+    np.testing.assert_allclose(packed[:, :3], alone_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 3:7], alone_b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- scan, remat, dtype
+
+
+@pytest.mark.parametrize("family", ["t5_v1_1", "classic_post_ln_sinusoidal"])
+def test_scanned_equals_unscanned(family):
+    cfg, params = _setup(FAMILIES[family])
+    scanned_cfg = cfg.replace(scan_layers=True)
+    scanned_params = network.scan_params(params, cfg)
+    expected = jax.tree.map(lambda x: x.shape, nn.meta.unbox(network.abstract_params(scanned_cfg)))
+    assert jax.tree.map(lambda x: x.shape, scanned_params) == expected
+    inputs, targets = _tokens((2, 7), 10), _tokens((2, 6), 11)
+    np.testing.assert_allclose(
+        _apply(scanned_cfg, scanned_params, inputs, targets), _apply(cfg, params, inputs, targets), rtol=1e-5, atol=1e-5
+    )
+    round_trip = network.unscan_params(scanned_params, cfg)
+    jax.tree.map(np.testing.assert_array_equal, round_trip, params)
+
+
+@pytest.mark.parametrize(("policy", "scan"), [("minimal", False), ("full", True)])
+def test_remat_changes_memory_not_results(policy, scan):
+    cfg, params = _setup(FAMILIES["t5_v1_1"])
+    inputs, targets = jnp.asarray(_tokens((2, 7), 12)), jnp.asarray(_tokens((2, 6), 13))
+    plain_cfg = cfg.replace(scan_layers=scan)
+    params = network.scan_params(params, cfg) if scan else params
+
+    def grads(cfg):
+        loss = lambda p: jnp.mean(Transformer(cfg).apply({"params": p}, inputs, targets) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    g_plain, g_remat = grads(plain_cfg), grads(plain_cfg.replace(remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_remat, g_plain)
+
+
+def test_bfloat16_activations_with_float32_parameters():
+    cfg, params = _setup(FAMILIES["t5_v1_1"])
+    bf16_cfg = cfg.replace(dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.meta.unbox(network.abstract_params(bf16_cfg))))
+    inputs, targets = _tokens((2, 7), 14), _tokens((2, 6), 15)
+    full = _apply(cfg, params, inputs, targets)
+    half = _apply(bf16_cfg, params, inputs, targets)
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    assert np.abs(half - full).max() < 0.1 * np.abs(full).max()
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(Transformer(bf16_cfg).apply({"params": p}, inputs, targets))))(params)
+    assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_bfloat16_parameters():
+    cfg = TransformerConfig(**FAMILIES["t5_v1_0"], dtype="bfloat16", param_dtype="bfloat16")
+    params = network.init_params(cfg, jax.random.key(0))  # the one real (compiled) initialization of the suite
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    assert np.isfinite(_apply(cfg, params, _tokens((1, 4), 1), _tokens((1, 3), 2))).all()
+
+
+def test_dropout_is_active_only_when_enabled_and_seeded():
+    cfg, params = _setup(dict(FAMILIES["t5_v1_0"], dropout_rate=0.3))
+    inputs, targets = _tokens((2, 7), 16), _tokens((2, 6), 17)
+    model = Transformer(cfg)
+    off = _apply(cfg, params, inputs, targets)
+
+    @jax.jit
+    def with_dropout(key):
+        return model.apply({"params": params}, inputs, targets, enable_dropout=True, rngs={"dropout": key})
+
+    on_a, on_b, on_c = (with_dropout(jax.random.key(k)) for k in (1, 1, 2))
+    np.testing.assert_array_equal(on_a, on_b)
+    assert np.abs(on_a - off).max() > 1e-3 and np.abs(on_a - on_c).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- decode mode
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decode_step_by_step_equals_full_pass(family, scan):
+    cfg, params = _setup(FAMILIES[family])
+    if scan:
+        params, cfg = network.scan_params(params, cfg), cfg.replace(scan_layers=True)
+    inputs = _tokens((3, 9), 18)
+    inputs[1, 6:] = 0  # a padded row: the cache must respect the encoder mask too
+    targets = _tokens((3, 7), 19)
+    targets[:, 0] = 0
+    full = _apply(cfg, params, inputs, targets)
+    model = Transformer(cfg)
+    encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Transformer.encode))(params, inputs)
+    cache = network.init_decode_cache(cfg, params, encoded, inputs, max_decode_length=10)
+    step = jax.jit(lambda c, t: network.decode_step(cfg, params, c, encoded, inputs, t))
+    for position in range(targets.shape[1]):
+        logits, cache = step(cache, targets[:, position])
+        np.testing.assert_allclose(logits, full[:, position], rtol=1e-4, atol=1e-4)
+    assert int(cache["decoder"]["cache_index"]) == targets.shape[1]
+
+
+def test_preset_parameter_counts_of_classic_models():
+    # Vaswani et al. (2017) Table 3 report 65M (base) and 213M (big) parameters with a 37k shared vocabulary.
+    base = network.count_params(get_model_config("transformer_base", vocab_size=37000))
+    big = network.count_params(get_model_config("transformer_big", vocab_size=37000))
+    assert 60e6 < base < 66e6, base
+    assert 205e6 < big < 215e6, big
