@@ -1,12 +1,14 @@
 """t5x_lite: a compact, fast JAX/Flax codebase for encoder-decoder Transformers (T5 family, classic Transformer)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="t5x_lite",
     version="0.1.0",
     description="T5X with the weight taken off: encoder-decoder Transformers in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["t5x_lite", "t5x_lite.*", "configs"]),

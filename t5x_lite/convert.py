@@ -31,7 +31,14 @@ from flax import traverse_util
 
 from t5x_lite.network import TransformerConfig, check_params_match, scan_params, unscan_params
 
-_HF_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "silu": "silu", "swish": "silu"}
+_HF_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "gelu": "gelu_exact",
+    "silu": "silu",
+    "swish": "silu",
+}
 _OUR_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new", "gelu_exact": "gelu", "silu": "silu"}
 
 CONFIG_FILE = "model_config.json"
@@ -54,7 +61,10 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Transforme
     hf_act = proj.removeprefix("gated-")
     hf_act = "gelu_new" if proj == "gated-gelu" else hf_config.get("dense_act_fn", hf_act)
     if hf_act not in _HF_ACTIVATIONS:
-        raise ValueError(f"hf_config feed_forward_proj={proj!r}: activation {hf_act!r} is not supported; use one of {sorted(_HF_ACTIVATIONS)}")
+        raise ValueError(
+            f"hf_config feed_forward_proj={proj!r}: activation {hf_act!r} is not supported; "
+            f"use one of {sorted(_HF_ACTIVATIONS)}"
+        )
     if "scale_decoder_outputs" in hf_config:
         rescale = bool(hf_config["scale_decoder_outputs"])
     else:
@@ -101,7 +111,10 @@ def _check_t5_style(cfg: TransformerConfig) -> None:
 
 def _attention_from_hf(get, prefix: str, cfg: TransformerConfig) -> dict[str, Any]:
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-    out = {name: {"kernel": get(f"{prefix}.{hf}.weight", (h * k, d)).T.reshape(d, h, k)} for name, hf in (("query", "q"), ("key", "k"), ("value", "v"))}
+    out = {
+        name: {"kernel": get(f"{prefix}.{hf}.weight", (h * k, d)).T.reshape(d, h, k)}
+        for name, hf in (("query", "q"), ("key", "k"), ("value", "v"))
+    }
     out["out"] = {"kernel": get(f"{prefix}.o.weight", (d, h * k)).T.reshape(h, k, d)}
     return out
 
@@ -113,7 +126,9 @@ def _mlp_from_hf(get, prefix: str, cfg: TransformerConfig) -> dict[str, Any]:
     return out
 
 
-def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], scan_layers: bool = False, **overrides: Any):
+def params_from_hf(
+    state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], scan_layers: bool = False, **overrides: Any
+):
     """(TransformerConfig, params) of a Hugging Face T5 state dict and its config.json dict."""
     arrays = {name: _to_numpy(value) for name, value in state_dict.items()}
     if "shared.weight" not in arrays:
@@ -130,7 +145,8 @@ def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], 
         if value.shape != shape:
             field = _mismatched_field(cfg, shape, value.shape)
             raise ValueError(
-                f"hf_config {field}={getattr(cfg, field)} does not match the checkpoint: {name} has shape {value.shape}, "
+                f"hf_config {field}={getattr(cfg, field)} does not match the checkpoint: "
+                f"{name} has shape {value.shape}, "
                 f"the config gives {shape}"
             )
         used.add(name)
@@ -142,8 +158,14 @@ def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], 
         tree: dict[str, Any] = {}
         for i in range(n):
             block = f"{stack}.block.{i}.layer"
-            layer = {"pre_" + ("self_" if stack == "decoder" else "") + "attention_layer_norm": {"scale": get(f"{block}.0.layer_norm.weight", (d,))}}
-            layer["self_attention" if stack == "decoder" else "attention"] = _attention_from_hf(get, f"{block}.0.SelfAttention", cfg)
+            layer = {
+                "pre_" + ("self_" if stack == "decoder" else "") + "attention_layer_norm": {
+                    "scale": get(f"{block}.0.layer_norm.weight", (d,))
+                }
+            }
+            layer["self_attention" if stack == "decoder" else "attention"] = _attention_from_hf(
+                get, f"{block}.0.SelfAttention", cfg
+            )
             mlp_index = 1
             if stack == "decoder":
                 layer["pre_cross_attention_layer_norm"] = {"scale": get(f"{block}.1.layer_norm.weight", (d,))}
@@ -152,7 +174,10 @@ def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], 
             layer["pre_mlp_layer_norm"] = {"scale": get(f"{block}.{mlp_index}.layer_norm.weight", (d,))}
             layer["mlp"] = _mlp_from_hf(get, f"{block}.{mlp_index}.DenseReluDense", cfg)
             tree[f"layers_{i}"] = layer
-        rel = get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (cfg.relative_attention_num_buckets, cfg.num_heads))
+        rel = get(
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            (cfg.relative_attention_num_buckets, cfg.num_heads),
+        )
         tree["relpos_bias"] = {"rel_embedding": rel.T}
         tree[f"{stack}_norm"] = {"scale": get(f"{stack}.final_layer_norm.weight", (d,))}
         params[stack] = tree
@@ -162,18 +187,26 @@ def params_from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], 
     ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
     unused = sorted(set(arrays) - used - tied_copies - ignorable)
     if unused:
-        raise ValueError(f"state dict has {len(unused)} entries hf_config does not account for, e.g. {unused[0]!r} (check num_layers)")
-    params = jax_tree_copy(params)
+        raise ValueError(
+            f"state dict has {len(unused)} entries hf_config does not account for, "
+            f"e.g. {unused[0]!r} (check num_layers)"
+        )
     if scan_layers:
-        params = jax_tree_numpy(scan_params(params, cfg))
+        params = scan_params(params, cfg)
+    params = _numpy_tree(params)
     return cfg, params
 
 
 def _mismatched_field(cfg: TransformerConfig, expected: tuple[int, ...], actual: tuple[int, ...]) -> str:
     inner = cfg.num_heads * cfg.head_dim
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=False):
         if e != a:
-            for field, value in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("vocab_size", cfg.vocab_size), ("relative_attention_num_buckets", cfg.relative_attention_num_buckets)):
+            for field, value in (
+                ("d_model", cfg.d_model),
+                ("d_ff", cfg.d_ff),
+                ("vocab_size", cfg.vocab_size),
+                ("relative_attention_num_buckets", cfg.relative_attention_num_buckets),
+            ):
                 if e == value:
                     return field
             if e == inner:
@@ -183,13 +216,10 @@ def _mismatched_field(cfg: TransformerConfig, expected: tuple[int, ...], actual:
     return "d_model"
 
 
-def jax_tree_copy(tree: Any) -> Any:
-    """Nested dict of contiguous NumPy copies (the HF arrays may be views of torch storage)."""
-    return traverse_util.unflatten_dict({k: np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
-
-
-def jax_tree_numpy(tree: Any) -> Any:
-    return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()})
+def _numpy_tree(tree: Any) -> Any:
+    """Nested dict of contiguous NumPy arrays (HF arrays may be views of torch storage; scan_params gives jax)."""
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({k: np.ascontiguousarray(v) for k, v in flat.items()})
 
 
 def params_to_hf(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
@@ -202,7 +232,7 @@ def params_to_hf(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str,
     """
     _check_t5_style(cfg)
     check_params_match(cfg, params, source="the params")
-    tree = jax_tree_numpy(unscan_params(params, cfg) if cfg.scan_layers else params)
+    tree = _numpy_tree(unscan_params(params, cfg) if cfg.scan_layers else params)
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     out: dict[str, np.ndarray] = {}
 
@@ -231,7 +261,9 @@ def params_to_hf(params: Mapping[str, Any], cfg: TransformerConfig) -> dict[str,
             out[f"{block}.{mlp_index}.layer_norm.weight"] = layer["pre_mlp_layer_norm"]["scale"]
             for name, kernel in layer["mlp"].items():
                 out[f"{block}.{mlp_index}.DenseReluDense.{name}.weight"] = kernel["kernel"].T
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = tree[stack]["relpos_bias"]["rel_embedding"].T
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = tree[stack]["relpos_bias"][
+            "rel_embedding"
+        ].T
         out[f"{stack}.final_layer_norm.weight"] = tree[stack][f"{stack}_norm"]["scale"]
     out["lm_head.weight"] = shared if cfg.tie_word_embeddings else tree["decoder"]["logits_dense"]["kernel"].T
     return {name: np.ascontiguousarray(value) for name, value in out.items()}
@@ -245,7 +277,9 @@ def hf_config_from(cfg: TransformerConfig) -> dict[str, Any]:
     if gated:
         proj = "gated-gelu" if activation == "gelu_new" else f"gated-{activation}"
     elif activation == "gelu_new":
-        raise ValueError("TransformerConfig.mlp_activation='gelu' (tanh, ungated) has no Hugging Face T5 feed_forward_proj")
+        raise ValueError(
+            "TransformerConfig.mlp_activation='gelu' (tanh, ungated) has no Hugging Face T5 feed_forward_proj"
+        )
     else:
         proj = activation
     return {
@@ -312,7 +346,11 @@ def save_hf_dir(params: Mapping[str, Any], cfg: TransformerConfig, out_dir: str)
     if cfg.tie_word_embeddings:
         state_dict.pop("lm_head.weight")
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in state_dict.items()}, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.asarray(v, np.float32) if v.dtype != np.float32 else v for k, v in state_dict.items()},
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
 
@@ -342,7 +380,9 @@ def load_converted(workdir: str, cfg: TransformerConfig | None = None) -> tuple[
     config_path = os.path.join(workdir, CONFIG_FILE)
     params_path = os.path.join(workdir, PARAMS_DIR)
     if not os.path.isfile(config_path) or not os.path.isdir(params_path):
-        raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE} and {PARAMS_DIR}/: not written by `t5x_lite.convert from-hf`")
+        raise FileNotFoundError(
+            f"{workdir} has no {CONFIG_FILE} and {PARAMS_DIR}/: not written by `t5x_lite.convert from-hf`"
+        )
     with open(config_path, encoding="utf-8") as f:
         saved_cfg = TransformerConfig.from_dict(json.load(f))
     params = ocp.StandardCheckpointer().restore(params_path)

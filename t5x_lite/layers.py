@@ -133,8 +133,12 @@ class LayerNorm(nn.Module):
         variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
         features = (x.shape[-1],)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features, self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features, self.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features, self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features, self.param_dtype
+        )
         return jnp.asarray(y * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32), self.dtype)
 
 

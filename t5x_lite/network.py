@@ -204,7 +204,12 @@ def _stack(
     """Layer constructor for a stack: optionally rematerialized and scanned (one ``layers`` module, stacked
     parameters with a leading ``layers`` axis) or unscanned (``layers_0``, ``layers_1``, ...)."""
     if cfg.remat_policy != "none" and not decode:
-        layer_cls = nn.remat(layer_cls, policy=_remat_policy(cfg.remat_policy), static_argnums=static_argnums, prevent_cse=not cfg.scan_layers)
+        layer_cls = nn.remat(
+            layer_cls,
+            policy=_remat_policy(cfg.remat_policy),
+            static_argnums=static_argnums,
+            prevent_cse=not cfg.scan_layers,
+        )
     if not cfg.scan_layers:
         return [functools.partial(layer_cls, config=cfg, name=f"layers_{i}") for i in range(num_layers)]
     scanned = nn.scan(
@@ -269,10 +274,17 @@ class EncoderLayer(nn.Module):
         dropout = nn.Dropout(rate=cfg.dropout_rate)
         attention = _attention(cfg, "attention")
         x = _sublayer(
-            cfg, x, _norm(cfg, _norm_name(cfg, "attention")), lambda h: attention(h, h, attention_bias, deterministic=deterministic), dropout, deterministic
+            cfg,
+            x,
+            _norm(cfg, _norm_name(cfg, "attention")),
+            lambda h: attention(h, h, attention_bias, deterministic=deterministic),
+            dropout,
+            deterministic,
         )
         mlp = _mlp(cfg)
-        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic)
+        x = _sublayer(
+            cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic
+        )
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, None) if self.scanned else x
 
@@ -300,7 +312,9 @@ class DecoderLayer(nn.Module):
         cross_attention = _attention(cfg, "encoder_decoder_attention")
 
         def attend_self(h):
-            return self_attention(h, h, self_attention_bias, deterministic=deterministic, decode=decode, decode_index=decode_index)
+            return self_attention(
+                h, h, self_attention_bias, deterministic=deterministic, decode=decode, decode_index=decode_index
+            )
 
         def attend_encoder(h):
             return cross_attention(
@@ -310,7 +324,9 @@ class DecoderLayer(nn.Module):
         x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "self_attention")), attend_self, dropout, deterministic)
         x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "cross_attention")), attend_encoder, dropout, deterministic)
         mlp = _mlp(cfg)
-        x = _sublayer(cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic)
+        x = _sublayer(
+            cfg, x, _norm(cfg, _norm_name(cfg, "mlp")), lambda h: mlp(h, deterministic), dropout, deterministic
+        )
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, None) if self.scanned else x
 
@@ -359,7 +375,6 @@ class Encoder(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-
 class Decoder(nn.Module):
     """Embedding, ``num_decoder_layers`` layers, final norm, and the output projection to vocabulary logits.
 
@@ -406,9 +421,15 @@ class Decoder(nn.Module):
                 self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
             index = None
             positions = _default_positions(decoder_input_tokens) if decoder_positions is None else decoder_positions
-            decoder_valid = decoder_target_tokens > 0 if decoder_target_tokens is not None else jnp.ones((batch, length), bool)
-            self_bias = layers.attention_mask_bias(decoder_valid, decoder_valid, decoder_segment_ids, decoder_segment_ids, causal=True)
-            cross_bias = layers.attention_mask_bias(decoder_valid, encoder_valid, decoder_segment_ids, encoder_segment_ids)
+            decoder_valid = (
+                decoder_target_tokens > 0 if decoder_target_tokens is not None else jnp.ones((batch, length), bool)
+            )
+            self_bias = layers.attention_mask_bias(
+                decoder_valid, decoder_valid, decoder_segment_ids, decoder_segment_ids, causal=True
+            )
+            cross_bias = layers.attention_mask_bias(
+                decoder_valid, encoder_valid, decoder_segment_ids, encoder_segment_ids
+            )
             if cfg.position_embedding == "relative":
                 self_bias = self_bias + _relpos_bias(cfg, bidirectional=False)(length, length)
 
@@ -462,7 +483,9 @@ class Transformer(nn.Module):
         enable_dropout: bool = False,
     ) -> jax.Array:
         """Encoder outputs [batch, input_len, d_model]."""
-        return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions, deterministic=not enable_dropout)
+        return self.encoder(
+            encoder_input_tokens, encoder_segment_ids, encoder_positions, deterministic=not enable_dropout
+        )
 
     def decode(
         self,
@@ -587,7 +610,7 @@ def _field_for_mismatch(cfg: TransformerConfig, name: str, expected: tuple, actu
     layers_field = "num_decoder_layers" if name.startswith("decoder") else "num_encoder_layers"
     if cfg.scan_layers and len(expected) and len(actual) and expected[0] != actual[0]:
         return layers_field
-    for dim_expected, dim_actual in zip(expected, actual):
+    for dim_expected, dim_actual in zip(expected, actual, strict=False):
         if dim_expected != dim_actual:
             if "token_embedder" in name or "logits_dense" in name:
                 return "vocab_size" if dim_expected == cfg.vocab_size else "d_model"
@@ -651,7 +674,14 @@ def init_decode_cache(
     return variables["cache"]
 
 
-def decode_step(cfg: TransformerConfig, params: Any, cache: Any, encoded: jax.Array, encoder_input_tokens: jax.Array, tokens: jax.Array):
+def decode_step(
+    cfg: TransformerConfig,
+    params: Any,
+    cache: Any,
+    encoded: jax.Array,
+    encoder_input_tokens: jax.Array,
+    tokens: jax.Array,
+):
     """Logits [batch, vocab] of the next token after feeding ``tokens`` [batch] at the cache's position."""
     logits, variables = Transformer(cfg).apply(
         {"params": params, "cache": cache},

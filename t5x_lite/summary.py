@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     logits = forward(params, encoder_tokens, decoder_tokens).block_until_ready()
     run = time.perf_counter() - start
-    print(f"forward pass {tuple(encoder_tokens.shape)} -> logits {tuple(logits.shape)}: "
-          f"{compile_and_run:.2f} s with compilation, {run * 1e3:.1f} ms after (on {jax.devices()[0].platform})")
+    print(
+        f"forward pass {tuple(encoder_tokens.shape)} -> logits {tuple(logits.shape)}: "
+        f"{compile_and_run:.2f} s with compilation, {run * 1e3:.1f} ms after (on {jax.devices()[0].platform})"
+    )
 
     model = network.Transformer(cfg)
     encoded = model.apply({"params": params}, encoder_tokens, method=network.Transformer.encode)

@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+
 def random_params(cfg, seed: int = 0):
     """Parameters of ``cfg`` drawn with NumPy: no compilation (jit-compiling an init costs ~8 s on 2 CPU cores,
     mostly the per-parameter random number generators), for tests that check properties, not initialization."""

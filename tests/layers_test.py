@@ -140,7 +140,12 @@ def test_attention_decode_cache_equals_full_pass():
     for t in range(6):
         row_bias = jnp.where(jnp.arange(6) <= t, 0.0, layers.NEG_INF)[None, None, None]
         out, state = module.apply(
-            {**variables, "cache": cache}, x[:, t : t + 1], x[:, t : t + 1], row_bias, decode=True, decode_index=t,
+            {**variables, "cache": cache},
+            x[:, t : t + 1],
+            x[:, t : t + 1],
+            row_bias,
+            decode=True,
+            decode_index=t,
             mutable=["cache"],
         )
         cache = state["cache"]

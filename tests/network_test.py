@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,12 +16,16 @@ from t5x_lite import network
 from t5x_lite.network import Transformer, TransformerConfig
 from tests.conftest import random_params
 
-SMALL = dict(vocab_size=60, d_model=16, num_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+SMALL = dict(
+    vocab_size=60, d_model=16, num_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0
+)
 
 # One config per family and position scheme; every masking property is checked on each.
 FAMILIES = {
     "t5_v1_0": dict(SMALL, mlp_activation="relu"),
-    "t5_v1_1": dict(SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, num_heads=3, d_kv=5),
+    "t5_v1_1": dict(
+        SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, num_heads=3, d_kv=5
+    ),
     "classic_post_ln_sinusoidal": dict(
         SMALL,
         norm_type="layernorm",
@@ -50,7 +55,7 @@ def _setup(overrides, seed=0):
     return cfg, random_params(cfg, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(cfg):
     return jax.jit(lambda params, *args: Transformer(cfg).apply({"params": params}, *args))
 
