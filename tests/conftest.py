@@ -60,3 +60,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(name="random_params")
 def random_params_fixture():
     return random_params
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real corpora (../shared/data or $T5X_LITE_DATA). Missing data fails under CI=true, skips elsewhere."""
+    from t5x_lite.data.paths import data_root
+
+    try:
+        return data_root()
+    except FileNotFoundError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the shared data is missing: {error}")
+        pytest.skip(f"shared data not available: {error}")

@@ -1,0 +1,1 @@
+"""Data: vocabularies, sources, tasks, preprocessors and the Grain input pipeline."""
