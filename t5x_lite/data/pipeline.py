@@ -1,0 +1,212 @@
+"""The Grain input pipeline: deterministic, checkpointable, sharded across processes.
+
+Training: source -> shuffle (a new permutation every epoch, from the seed) -> repeat -> this process's rows of
+each global batch -> tokenize (span corruption draws from a per-example RNG) -> pack or pad -> batch -> model
+features. The order is a function of (seed, step) only, and the iterator's state saves and restores exactly.
+
+Evaluation: every example exactly once, in source order; the last batch is padded with masked rows
+(``example_mask`` 0, ``example_id`` -1), nothing is dropped or repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from grain import experimental as grain_experimental
+
+from t5x_lite.data import preprocessors
+from t5x_lite.data.tasks import Mixture, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShard:
+    """Which rows of every global batch this process produces: rows [index * local, (index + 1) * local)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def from_jax(cls) -> ProcessShard:
+        import jax
+
+        return cls(jax.process_index(), jax.process_count())
+
+    def local_batch_size(self, global_batch_size: int) -> int:
+        if global_batch_size % self.count:
+            raise ValueError(
+                f"batch_size={global_batch_size} is not divisible by the {self.count} processes; "
+                f"use a multiple of {self.count}"
+            )
+        return global_batch_size // self.count
+
+
+class _RowsOfProcess(grain.MapDataset):
+    """Element j of this process = element ``b * global + index * local + r`` of the parent, j = b * local + r."""
+
+    def __init__(self, parent: grain.MapDataset, shard: ProcessShard, global_batch_size: int):
+        super().__init__(parent)
+        self._shard = shard
+        self._global = global_batch_size
+        self._local = shard.local_batch_size(global_batch_size)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self._parent), self._global)
+        return full * self._local + min(max(rest - self._shard.index * self._local, 0), self._local)
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._local)
+        return batch * self._global + self._shard.index * self._local + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def __str__(self) -> str:
+        return f"RowsOfProcess({self._shard.index}/{self._shard.count}, global_batch={self._global})"
+
+
+def _tokenized(
+    task: Task,
+    dataset: grain.MapDataset,
+    vocab,
+    seed: int,
+    counter: preprocessors.TruncationCounter | None,
+    on_overflow: str,
+) -> grain.MapDataset:
+    if task.objective == "span_corruption":
+        return dataset.random_map(
+            lambda record, rng: task.tokenize(record, vocab, rng=rng, counter=counter, on_overflow=on_overflow),
+            seed=seed,
+        )
+    return dataset.map(lambda record: task.tokenize(record, vocab, counter=counter, on_overflow=on_overflow))
+
+
+def _pad_example(example: Mapping[str, np.ndarray], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
+    return {key: preprocessors.pad_to(example[key], lengths[key]) for key in ("inputs", "targets")}
+
+
+def train_dataset(
+    task: Task | Mixture,
+    vocab,
+    *,
+    batch_size: int,
+    seed: int,
+    lengths: Mapping[str, int] | None = None,
+    pack: bool = True,
+    shard: ProcessShard = ProcessShard(),
+    split: str = "train",
+    num_epochs: int | None = None,
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    counter: preprocessors.TruncationCounter | None = None,
+    on_overflow: str = "truncate",
+) -> grain.IterDataset:
+    """Batches of model features ([local_batch, length] int32 arrays) for training; infinite by default."""
+    local_batch = shard.local_batch_size(batch_size)
+    if isinstance(task, Mixture):
+        parts = [
+            _shuffled_tokens(t, vocab, split, seed + i, num_epochs, data_dir, tfds_data_dir, counter, on_overflow)
+            for i, t in enumerate(task.tasks())
+        ]
+        dataset = grain.MapDataset.mix(parts, weights=list(task.rates.values()))
+        lengths = lengths or task.tasks()[0].lengths
+    else:
+        dataset = _shuffled_tokens(task, vocab, split, seed, num_epochs, data_dir, tfds_data_dir, counter, on_overflow)
+        lengths = lengths or task.lengths
+    dataset = _RowsOfProcess(dataset, shard, batch_size)
+    lengths = {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
+    if pack:
+        stream = grain_experimental.FirstFitPackIterDataset(
+            dataset.to_iter_dataset(),
+            length_struct=lengths,
+            num_packing_bins=local_batch,
+            shuffle_bins=False,
+        )
+    else:
+        stream = dataset.map(lambda example: _pad_example(example, lengths)).to_iter_dataset()
+    return stream.batch(local_batch, drop_remainder=True).map(preprocessors.to_model_features)
+
+
+def _shuffled_tokens(
+    task: Task,
+    vocab,
+    split: str,
+    seed: int,
+    num_epochs: int | None,
+    data_dir: str | None,
+    tfds_data_dir: str | None,
+    counter: preprocessors.TruncationCounter | None,
+    on_overflow: str,
+) -> grain.MapDataset:
+    source = task.get_source(split, data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+    if len(source) == 0:
+        raise ValueError(f"task {task.name!r}: split {split!r} is empty")
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    return _tokenized(task, dataset, vocab, seed, counter, on_overflow)
+
+
+def eval_dataset(
+    task: Task,
+    vocab,
+    split: str,
+    *,
+    batch_size: int,
+    lengths: Mapping[str, int] | None = None,
+    shard: ProcessShard = ProcessShard(),
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    counter: preprocessors.TruncationCounter | None = None,
+) -> grain.MapDataset:
+    """Every example of ``split`` exactly once, in order, in padded batches with ``example_mask``/``example_id``.
+
+    Inputs longer than the task's length are truncated and counted in ``counter`` (never dropped); the
+    references stay as text in the source for scoring.
+    """
+    local_batch = shard.local_batch_size(batch_size)
+    lengths = lengths or task.lengths
+    lengths = {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
+    source = task.get_source(split, data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+    num_examples = len(source)
+    num_batches = -(-num_examples // batch_size)
+    padded_length = num_batches * batch_size
+
+    def example(index: int) -> dict[str, np.ndarray]:
+        if index >= num_examples:  # padding row of the last batch
+            return {
+                "inputs": np.zeros(lengths["inputs"], np.int32),
+                "targets": np.zeros(lengths["targets"], np.int32),
+                "example_id": np.int32(-1),
+                "example_mask": np.float32(0),
+            }
+        tokens = task.tokenize(source[index], vocab, counter=counter, rng=np.random.default_rng(index))
+        padded = _pad_example(tokens, lengths)
+        padded.update(example_id=np.int32(index), example_mask=np.float32(1))
+        return padded
+
+    dataset = _RowsOfProcess(grain.MapDataset.range(padded_length), shard, batch_size).map(example)
+
+    def features(batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        out = preprocessors.to_model_features(batch)
+        out["example_id"] = np.asarray(batch["example_id"], np.int32)
+        out["example_mask"] = np.asarray(batch["example_mask"], np.float32)
+        out["decoder_loss_weights"] = out["decoder_loss_weights"] * out["example_mask"][:, None]
+        return out
+
+    return dataset.batch(local_batch, drop_remainder=False).map(features)
+
+
+def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
+    """A JSON-serializable snapshot of where ``iterator`` stands (saved inside checkpoints)."""
+    return iterator.get_state()
+
+
+def restore_iterator(dataset: grain.IterDataset, state: Mapping[str, Any]) -> grain.DatasetIterator:
+    """A fresh iterator of ``dataset`` positioned exactly where ``state`` was taken."""
+    iterator = iter(dataset)
+    iterator.set_state(dict(state))
+    return iterator

@@ -1,0 +1,303 @@
+"""Task and Mixture registry: where a task's examples come from, how they become tokens, and how it is scored.
+
+Adding a task is one call::
+
+    TaskRegistry.add(
+        "my_enfr",
+        splits={"train": ("text_files", "train"), "validation": ("text_files", "dev")},
+        source_options={"source_path": "train.en", "target_path": "train.fr"},
+        prefix="translate English to French: ",
+        metrics=("bleu",),
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from t5x_lite.data import preprocessors
+
+LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "cs": "Czech", "ro": "Romanian"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One dataset turned into (inputs, targets) token sequences.
+
+    ``splits`` maps a role (``train``, ``validation``, ``test`` or any other name) to ``(source, split)`` of
+    ``sources.get_source``; ``objective`` is ``seq2seq`` (inputs -> targets) or ``span_corruption`` (T5's
+    denoising of the inputs text, targets ignored).
+    """
+
+    name: str
+    splits: Mapping[str, tuple[str, str]]
+    source_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    split_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    prefix: str = ""
+    objective: str = "seq2seq"
+    metrics: tuple[str, ...] = ("bleu",)
+    lengths: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"inputs": 128, "targets": 128})
+    vocab_size: int = 8000  # SentencePiece pieces trained on the train split (plus extra_ids sentinels)
+    vocab_path: str | None = None  # a SentencePiece model to use instead of training one
+    vocab_training_examples: int = 200_000
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    postprocess: Callable[[str], str] = str.strip
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("seq2seq", "span_corruption"):
+            raise ValueError(
+                f"Task {self.name!r}: objective={self.objective!r} is unknown; use seq2seq or span_corruption"
+            )
+        if "train" not in self.splits:
+            raise ValueError(f"Task {self.name!r}: splits must name a 'train' split, got {sorted(self.splits)}")
+        if self.objective == "span_corruption":  # the targets length follows from the inputs length
+            _, targets = preprocessors.span_corruption_lengths(
+                self.lengths["inputs"], self.noise_density, self.mean_noise_span_length
+            )
+            object.__setattr__(self, "lengths", {"inputs": self.lengths["inputs"], "targets": targets})
+
+    def split_names(self) -> list[str]:
+        return list(self.splits)
+
+    def get_source(self, split: str, *, data_dir: str | None = None, tfds_data_dir: str | None = None):
+        """The random-access source of ``split`` (a role such as ``train`` or ``test``)."""
+        from t5x_lite.data import sources
+
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {', '.join(self.splits)}")
+        source_name, source_split = self.splits[split]
+        options = {**self.source_options, **self.split_options.get(split, {})}
+        return sources.get_source(source_name, source_split, data_dir=data_dir, tfds_data_dir=tfds_data_dir, **options)
+
+    def training_texts(self, *, data_dir: str | None = None, tfds_data_dir: str | None = None) -> Iterator[str]:
+        """Text a vocabulary is trained on: inputs and targets of the first examples of the train split."""
+        source = self.get_source("train", data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+        for index in range(min(len(source), self.vocab_training_examples)):
+            record = source[index]
+            yield record["inputs"]
+            if self.objective == "seq2seq" and record.get("targets"):
+                yield record["targets"]
+
+    def tokenize(
+        self,
+        record: Mapping[str, Any],
+        vocab,
+        *,
+        rng: np.random.Generator | None = None,
+        counter: preprocessors.TruncationCounter | None = None,
+        on_overflow: str = "truncate",
+    ) -> dict[str, Any]:
+        """One record -> ``{'inputs', 'targets'}`` int32 token arrays ending in EOS, trimmed to ``lengths``."""
+        if counter is not None:
+            counter.seen += 1
+        example_id = record.get("id")
+        if self.objective == "span_corruption":
+            tokens = np.asarray(vocab.encode(record["inputs"]), np.int32)
+            raw_length, _ = preprocessors.span_corruption_lengths(
+                self.lengths["inputs"], self.noise_density, self.mean_noise_span_length
+            )
+            rng = rng if rng is not None else np.random.default_rng(0 if example_id is None else example_id)
+            if len(tokens) > raw_length:  # a random chunk of long documents, as T5 does
+                start = int(rng.integers(0, len(tokens) - raw_length + 1))
+                tokens = tokens[start : start + raw_length]
+            out = preprocessors.span_corruption(
+                tokens, vocab.vocab_size, rng, self.noise_density, self.mean_noise_span_length, vocab.eos_id
+            )
+        else:
+            text = preprocessors.add_prefix(record["inputs"], self.prefix)
+            out = {
+                "inputs": preprocessors.append_eos(vocab.encode(text), vocab.eos_id),
+                "targets": preprocessors.append_eos(vocab.encode(record.get("targets", "")), vocab.eos_id),
+            }
+        for feature in ("inputs", "targets"):
+            out[feature] = preprocessors.trim(
+                out[feature],
+                self.lengths[feature],
+                feature=feature,
+                example_id=example_id,
+                counter=counter,
+                on_overflow=on_overflow,
+            )
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Several tasks sampled by rate (they must share a vocabulary): ``{'task_a': 1.0, 'task_b': 0.5}``."""
+
+    name: str
+    rates: Mapping[str, float]
+
+    def tasks(self) -> list[Task]:
+        return [TaskRegistry.get(name) for name in self.rates]
+
+
+class TaskRegistry:
+    """Global name -> Task / Mixture table."""
+
+    _tasks: dict[str, Task | Mixture] = {}
+
+    @classmethod
+    def add(cls, name: str, **task_fields: Any) -> Task:
+        if name in cls._tasks:
+            raise ValueError(f"task {name!r} is already registered; pick another name or TaskRegistry.remove it")
+        task = Task(name=name, **task_fields)
+        cls._tasks[name] = task
+        return task
+
+    @classmethod
+    def add_mixture(cls, name: str, rates: Mapping[str, float]) -> Mixture:
+        for task_name, rate in rates.items():
+            cls.get(task_name)
+            if rate <= 0:
+                raise ValueError(f"mixture {name!r}: rate of {task_name!r} must be positive, got {rate}")
+        mixture = Mixture(name=name, rates=dict(rates))
+        cls._tasks[name] = mixture
+        return mixture
+
+    @classmethod
+    def remove(cls, name: str) -> None:
+        cls._tasks.pop(name, None)
+
+    @classmethod
+    def get(cls, name: str) -> Task | Mixture:
+        if name not in cls._tasks:
+            known = ", ".join(sorted(cls._tasks))
+            raise ValueError(f"unknown task {name!r}; registered tasks: {known}")
+        return cls._tasks[name]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(cls._tasks)
+
+
+def get_task(name: str) -> Task | Mixture:
+    return TaskRegistry.get(name)
+
+
+# ----------------------------------------------------------------------------------------------- built-in tasks
+
+
+def _translation_prefix(src: str, tgt: str) -> str:
+    return f"translate {LANGUAGE_NAMES[src]} to {LANGUAGE_NAMES[tgt]}: "
+
+
+def _register_builtin_tasks() -> None:
+    for src in ("en", "de", "fr", "cs"):
+        for tgt in ("en", "de", "fr", "cs"):
+            if src == tgt:
+                continue
+            TaskRegistry.add(
+                f"multi30k_{src}{tgt}",
+                splits={
+                    "train": ("multi30k", "train"),
+                    "validation": ("multi30k", "val"),
+                    "test_2016_flickr": ("multi30k", "test_2016_flickr"),
+                    "test_2017_flickr": ("multi30k", "test_2017_flickr"),
+                },
+                source_options={"src_lang": src, "tgt_lang": tgt},
+                prefix=_translation_prefix(src, tgt),
+                metrics=("bleu", "tok_bleu"),
+                lengths={"inputs": 64, "targets": 64},
+                vocab_size=8000,
+                description=f"Multi30k captions {src}->{tgt} (WMT16-18 multimodal task 1, text only)",
+            )
+    for src, tgt in (("en", "de"), ("de", "en")):
+        TaskRegistry.add(
+            f"wmt14_{src}{tgt}",
+            splits={
+                "train": ("tfds:wmt14_translate/de-en", "train"),
+                "validation": ("wmt14_en_de", "newstest2013"),
+                "test": ("wmt14_en_de", "newstest2014"),
+            },
+            source_options={"src_lang": src, "tgt_lang": tgt},
+            prefix=_translation_prefix(src, tgt),
+            lengths={"inputs": 256, "targets": 256},
+            vocab_size=32000,
+            description="WMT14 news; train from the TFDS catalog (internet), newstest2013/2014 local",
+        )
+    for src, tgt in (("en", "ro"), ("ro", "en")):
+        TaskRegistry.add(
+            f"wmt16_{src}{tgt}",
+            splits={"train": ("tfds:wmt16_translate/ro-en", "train"), "test": ("wmt16_en_ro", "newstest2016")},
+            source_options={"src_lang": src, "tgt_lang": tgt},
+            prefix=_translation_prefix(src, tgt),
+            lengths={"inputs": 256, "targets": 256},
+            vocab_size=32000,
+            description="WMT16 news; train from the TFDS catalog (internet), newstest2016 local",
+        )
+    TaskRegistry.add(
+        "iwslt14_deen",
+        splits={
+            "train": ("iwslt14_de_en", "valid"),
+            "validation": ("iwslt14_de_en", "valid"),
+            "test": ("iwslt14_de_en", "test"),
+        },
+        source_options={"src_lang": "de", "tgt_lang": "en"},
+        prefix=_translation_prefix("de", "en"),
+        metrics=("bleu", "tok_bleu"),
+        lengths={"inputs": 128, "targets": 128},
+        vocab_size=10000,
+        description="IWSLT14 De->En TED (fairseq split); the full train set is not available offline: "
+        "'train' is the validation set, for smoke runs only",
+    )
+    TaskRegistry.add(
+        "aeslc",
+        splits={"train": ("aeslc", "train"), "validation": ("aeslc", "dev"), "test": ("aeslc", "test")},
+        prefix="summarize: ",
+        metrics=("rouge",),
+        lengths={"inputs": 512, "targets": 32},
+        vocab_size=16000,
+        description="Email body -> subject line (3 references on dev/test)",
+    )
+    TaskRegistry.add(
+        "scitldr",
+        splits={"train": ("scitldr", "train"), "validation": ("scitldr", "dev"), "test": ("scitldr", "test")},
+        prefix="summarize: ",
+        metrics=("rouge",),
+        lengths={"inputs": 512, "targets": 64},
+        vocab_size=8000,
+        description="Scientific abstract -> one-sentence TLDR (SciTLDR-A, multi-reference)",
+    )
+    TaskRegistry.add(
+        "synthetic_numbers",
+        splits={
+            "train": ("synthetic_numbers", "train"),
+            "validation": ("synthetic_numbers", "validation"),
+            "test": ("synthetic_numbers", "test"),
+        },
+        prefix="",
+        metrics=("exact_match", "bleu"),
+        lengths={"inputs": 32, "targets": 32},
+        vocab_size=256,
+        vocab_training_examples=20_000,
+        description="English number words -> German number words, generated from the seed (demo and fast tests)",
+    )
+    TaskRegistry.add(
+        "c4_span_corruption",
+        splits={"train": ("tfds:c4/en", "train"), "validation": ("tfds:c4/en", "validation")},
+        objective="span_corruption",
+        metrics=(),
+        lengths={"inputs": 512},
+        vocab_size=32000,
+        description="T5 pre-training objective on C4 (TFDS catalog, internet); set vocab_path to the T5 SentencePiece model",
+    )
+    TaskRegistry.add(
+        "local_span_corruption",
+        splits={"train": ("multi30k", "train"), "validation": ("multi30k", "val")},
+        source_options={"src_lang": "en", "tgt_lang": "de"},
+        objective="span_corruption",
+        metrics=(),
+        lengths={"inputs": 64},
+        vocab_size=8000,
+        description="T5 span corruption over local monolingual text (Multi30k English captions), offline pre-training",
+    )
+
+
+_register_builtin_tasks()
