@@ -286,7 +286,8 @@ def _register_builtin_tasks() -> None:
         metrics=(),
         lengths={"inputs": 512},
         vocab_size=32000,
-        description="T5 pre-training objective on C4 (TFDS catalog, internet); set vocab_path to the T5 SentencePiece model",
+        description="T5 pre-training objective on C4 (TFDS catalog, internet); "
+        "set vocab_path to the T5 SentencePiece model",
     )
     TaskRegistry.add(
         "local_span_corruption",
