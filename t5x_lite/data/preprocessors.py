@@ -42,7 +42,8 @@ class TruncationCounter:
         if not any(self.truncated.values()):
             return f"no example truncated ({self.seen} seen)"
         parts = [
-            f"{feature}: {count} of {self.seen} ({100 * count / max(self.seen, 1):.2f}%, longest {self.longest[feature]})"
+            f"{feature}: {count} of {self.seen} "
+            f"({100 * count / max(self.seen, 1):.2f}%, longest {self.longest[feature]})"
             for feature, count in sorted(self.truncated.items())
         ]
         return "truncated " + "; ".join(parts)

@@ -14,6 +14,7 @@ Adding a task is one call::
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -61,6 +62,10 @@ class Task:
                 self.lengths["inputs"], self.noise_density, self.mean_noise_span_length
             )
             object.__setattr__(self, "lengths", {"inputs": self.lengths["inputs"], "targets": targets})
+
+    def replace_lengths(self, length: int) -> Task:
+        """The same task with every feature length set to ``length`` (to measure untrimmed lengths)."""
+        return dataclasses.replace(self, lengths={"inputs": length, "targets": length})
 
     def split_names(self) -> list[str]:
         return list(self.splits)
@@ -179,6 +184,45 @@ class TaskRegistry:
 
 def get_task(name: str) -> Task | Mixture:
     return TaskRegistry.get(name)
+
+
+DEFAULT_VOCAB_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "t5x_lite", "vocab")
+
+
+def task_vocabulary(
+    task: Task | Mixture,
+    *,
+    cache_dir: str | None = None,
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    extra_ids: int = 100,
+):
+    """The task's SentencePiece vocabulary: ``vocab_path`` if set, else trained on its train split (cached)."""
+    from t5x_lite.data.vocab import Vocabulary, train_vocabulary
+
+    if isinstance(task, Mixture):
+        texts = [
+            text for t in task.tasks() for text in t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+        ]
+        first = task.tasks()[0]
+        if first.vocab_path:
+            return Vocabulary(first.vocab_path, extra_ids=extra_ids)
+        return train_vocabulary(
+            texts,
+            vocab_size=first.vocab_size,
+            cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
+            name=task.name,
+            extra_ids=extra_ids,
+        )
+    if task.vocab_path:
+        return Vocabulary(task.vocab_path, extra_ids=extra_ids)
+    return train_vocabulary(
+        task.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir),
+        vocab_size=task.vocab_size,
+        cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
+        name=task.name,
+        extra_ids=extra_ids,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- built-in tasks
