@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "numpy>=1.26",
+        "protobuf>=4",  # sentencepiece model editing (sentinel pieces)
     ],
     extras_require={
         # torch is pinned: it is a CPU wheel on the build machines; an unpinned torch pulls a multi-GB CUDA build.
