@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Prepared TFDS corpora go to a fresh folder per test session, never into the user's ~/tensorflow_datasets.
+os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="t5x_lite_tests_tfds_"))
 
 import pytest  # noqa: E402
 
