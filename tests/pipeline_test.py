@@ -87,7 +87,9 @@ def test_eval_covers_every_example_exactly_once(numbers, vocab, processes):
     source = numbers.get_source("validation")
     ids, masked = [], 0
     for index in range(processes):
-        dataset = pipeline.eval_dataset(numbers, vocab, "validation", batch_size=64, shard=ProcessShard(index, processes))
+        dataset = pipeline.eval_dataset(
+            numbers, vocab, "validation", batch_size=64, shard=ProcessShard(index, processes)
+        )
         for batch in dataset:
             assert batch["encoder_input_tokens"].shape[0] == 64 // processes
             real = batch["example_mask"] > 0
@@ -111,14 +113,18 @@ def test_truncation_is_counted_and_overflow_can_be_refused(numbers, vocab):
     short = numbers.replace_lengths(6)
     _take(pipeline.train_dataset(short, vocab, batch_size=4, seed=0, pack=False, counter=counter), 3)
     assert counter.truncated.get("inputs", 0) > 0 and counter.seen >= 12
-    with pytest.raises(preprocessors.ExampleTooLongError, match=r"example \d+ has \d+ inputs tokens, more than the maximum 6"):
+    with pytest.raises(
+        preprocessors.ExampleTooLongError, match=r"example \d+ has \d+ inputs tokens, more than the maximum 6"
+    ):
         _take(pipeline.train_dataset(short, vocab, batch_size=4, seed=0, pack=False, on_overflow="error"), 20)
 
 
 def test_unknown_task_and_split_are_named():
     with pytest.raises(ValueError, match=r"unknown task 'multi30k_xx'; registered tasks: .*multi30k_ende"):
         TaskRegistry.get("multi30k_xx")
-    with pytest.raises(ValueError, match=r"task 'synthetic_numbers' has no split 'dev'; it has train, validation, test"):
+    with pytest.raises(
+        ValueError, match=r"task 'synthetic_numbers' has no split 'dev'; it has train, validation, test"
+    ):
         TaskRegistry.get("synthetic_numbers").get_source("dev")
 
 
@@ -141,9 +147,7 @@ def test_adding_a_task_is_one_call(tmp_path, vocab):
 
 
 def test_mixture_draws_from_every_task(numbers, vocab, tmp_path):
-    TaskRegistry.add(
-        "numbers_copy", splits=dict(numbers.splits), source_options={"seed": 9}, lengths=numbers.lengths
-    )
+    TaskRegistry.add("numbers_copy", splits=dict(numbers.splits), source_options={"seed": 9}, lengths=numbers.lengths)
     try:
         mixture = TaskRegistry.add_mixture("numbers_mix", {"synthetic_numbers": 1.0, "numbers_copy": 1.0})
         batches = _take(pipeline.train_dataset(mixture, vocab, batch_size=4, seed=0, pack=False), 5)

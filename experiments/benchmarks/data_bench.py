@@ -99,7 +99,9 @@ def main() -> None:
     vocab = task_vocabulary(task)
     pipeline_rate, batches = measure_pipeline(task, vocab, args.batch_size, args.batches)
     fill = np.mean([np.mean(b["decoder_target_tokens"] > 0) for b in batches])
-    print(f"task {task.name}, batch {args.batch_size} rows, lengths {dict(task.lengths)}, target fill {100 * fill:.0f}%")
+    print(
+        f"task {task.name}, batch {args.batch_size} rows, lengths {dict(task.lengths)}, target fill {100 * fill:.0f}%"
+    )
     print(f"pipeline: {pipeline_rate:,.0f} packed examples/s ({args.batches} batches, 1 process, no workers)")
     step_rate = measure_train_step(vocab.vocab_size, batches, args.steps)
     print(f"t5_small train step (float32, {jax.devices()[0].platform}): consumes {step_rate:,.0f} packed examples/s")

@@ -105,8 +105,13 @@ def train_dataset(
     tfds_data_dir: str | None = None,
     counter: preprocessors.TruncationCounter | None = None,
     on_overflow: str = "truncate",
+    read_threads: int = 0,
 ) -> grain.IterDataset:
-    """Batches of model features ([local_batch, length] int32 arrays) for training; infinite by default."""
+    """Batches of model features ([local_batch, length] int32 arrays) for training; infinite by default.
+
+    ``read_threads`` > 0 prefetches examples on that many threads; 0 (the default) reads in the calling thread,
+    which on a few CPU cores is several times faster than Grain's default of 16 threads (see data_bench.py).
+    """
     local_batch = shard.local_batch_size(batch_size)
     if isinstance(task, Mixture):
         parts = [
@@ -120,15 +125,16 @@ def train_dataset(
         lengths = lengths or task.lengths
     dataset = _RowsOfProcess(dataset, shard, batch_size)
     lengths = {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
+    read_options = grain.ReadOptions(num_threads=read_threads)
     if pack:
         stream = grain_experimental.FirstFitPackIterDataset(
-            dataset.to_iter_dataset(),
+            dataset.to_iter_dataset(read_options),
             length_struct=lengths,
             num_packing_bins=local_batch,
             shuffle_bins=False,
         )
     else:
-        stream = dataset.map(lambda example: _pad_example(example, lengths)).to_iter_dataset()
+        stream = dataset.map(lambda example: _pad_example(example, lengths)).to_iter_dataset(read_options)
     return stream.batch(local_batch, drop_remainder=True).map(preprocessors.to_model_features)
 
 
