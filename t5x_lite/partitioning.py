@@ -1,0 +1,255 @@
+"""Meshes, logical-axis rules and shardings: one model definition placed on one CPU, a GPU cluster or a TPU pod.
+
+Layers name their axes logically (``('embed', 'mlp')``); a rule preset maps those names to the axes of a
+``('data', 'fsdp', 'model')`` mesh. The mesh shape and the preset come from the config, so changing the
+parallelism of a run never touches the model. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from t5x_lite import network
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallel for activations
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Rules are in order of precedence (flax): a logical axis takes its mesh axis only if that mesh axis is still
+# free in the array. So in the activations [batch, length, embed] under 'fsdp', 'batch' takes ('data', 'fsdp')
+# and 'embed' stays unsharded, while in the parameters [embed, mlp] 'embed' takes 'fsdp'.
+_UNSHARDED: Rules = (
+    ("length", None),
+    ("kv", None),
+    ("layers", None),
+    ("relpos_buckets", None),
+    ("abspos_buckets", None),
+)
+RULES: dict[str, Rules] = {
+    # Parameters replicated on every device; each device holds its slice of the batch.
+    "data_parallel": (
+        ("batch", BATCH_AXES),
+        ("embed", None),
+        ("heads", None),
+        ("mlp", None),
+        ("vocab", None),
+        *_UNSHARDED,
+    ),
+    # Parameters (and so optimizer state) split along d_model over 'fsdp', gathered layer by layer when used.
+    "fsdp": (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp"),
+        ("heads", None),
+        ("mlp", None),
+        ("vocab", None),
+        *_UNSHARDED,
+    ),
+    # FSDP plus Megatron-style tensor parallelism: heads, d_ff and the vocabulary split over 'model'.
+    "fsdp_tp": (
+        ("batch", BATCH_AXES),
+        ("embed", "fsdp"),
+        ("heads", "model"),
+        ("mlp", "model"),
+        ("vocab", "model"),
+        *_UNSHARDED,
+    ),
+}
+
+
+def get_rules(rules: str | Rules) -> Rules:
+    """The rules of a preset name (``'data_parallel'``, ``'fsdp'``, ``'fsdp_tp'``), or ``rules`` unchanged."""
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise ValueError(f"partitioning={rules!r} is unknown; choose one of {', '.join(RULES)}")
+        return RULES[rules]
+    return tuple(tuple(rule) for rule in rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: str | Rules) -> Iterator[None]:
+    """Context in which jit-compiled model code resolves its logical constraints on ``mesh`` under ``rules``."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mesh.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``('data', 'fsdp', 'model')`` mesh over all ``devices`` (default: every device of every process).
+
+    One entry may be -1: it takes the devices the others leave. The axes are ``AxisType.Auto``, so XLA
+    propagates shardings from the parameters and the logical constraints (jax 0.10 defaults to Explicit).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    shape = tuple(int(n) for n in mesh_shape)
+    if len(shape) != len(MESH_AXES) or any(n == 0 or n < -1 for n in shape) or shape.count(-1) > 1:
+        raise ValueError(
+            f"mesh_shape={tuple(mesh_shape)} is invalid: give 3 positive sizes for {MESH_AXES}, one of which "
+            "may be -1 (fill with the remaining devices), e.g. (-1, 1, 1)"
+        )
+    known = math.prod(n for n in shape if n != -1)
+    if -1 in shape:
+        if count % known:
+            raise ValueError(
+                f"mesh_shape={shape} cannot fill {count} devices: {known} does not divide {count}; "
+                f"choose sizes whose product divides {count}"
+            )
+        shape = tuple(count // known if n == -1 else n for n in shape)
+    elif known != count:
+        raise ValueError(
+            f"mesh_shape={shape} needs {known} devices but there are {count}; use sizes whose product is "
+            f"{count}, or -1 for one axis (e.g. (-1, 1, 1))"
+        )
+    # allow_split_physical_axes: non-square meshes on TPU slices (a no-op elsewhere).
+    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shardings.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def logical_to_mesh_specs(logical_specs: Any, rules: str | Rules) -> Any:
+    """A pytree of logical PartitionSpecs (``P('embed', 'mlp')``) -> the same tree of mesh PartitionSpecs."""
+    return nn.logical_to_mesh(logical_specs, get_rules(rules))
+
+
+def param_shardings(cfg: network.TransformerConfig, mesh: Mesh, rules: str | Rules) -> Any:
+    """``NamedSharding`` for every parameter of ``cfg`` (same tree as the unboxed params)."""
+    return nn.logical_to_mesh_sharding(network.param_logical_axes(cfg), mesh, get_rules(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: str | Rules | None = None) -> NamedSharding:
+    """Sharding of arrays whose leading dimension is the batch ([batch], [batch, length], ...)."""
+    axes = BATCH_AXES if rules is None else _mesh_axes(get_rules(rules), "batch")
+    return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def init_params_sharded(
+    cfg: network.TransformerConfig,
+    rng: jax.Array,
+    mesh: Mesh,
+    rules: str | Rules,
+    input_length: int = 8,
+    target_length: int = 8,
+) -> Any:
+    """Parameters initialized directly in their shards: jit with ``out_shardings``, so no device ever holds
+    the whole model. Same values as ``network.init_params(cfg, rng)``."""
+    rules = get_rules(rules)
+    shardings = param_shardings(cfg, mesh, rules)
+    # The dummy batch must split evenly over the batch axes; XLA drops the forward pass (only params are output).
+    batch = math.prod(mesh.shape[axis] for axis in _mesh_axes(rules, "batch"))
+    encoder_tokens = jnp.ones((batch, input_length), jnp.int32)
+    decoder_tokens = jnp.ones((batch, target_length), jnp.int32)
+
+    def init(rng: jax.Array) -> Any:
+        variables = network.Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)
+        return nn.meta.unbox(variables["params"])
+
+    with activate(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def _mesh_axes(rules: Rules, logical_name: str) -> tuple[str, ...]:
+    """The mesh axes that ``rules`` give the logical axis ``logical_name`` (empty when unsharded)."""
+    axes = nn.logical_to_mesh_axes((logical_name,), rules)[0]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: network.TransformerConfig, mesh: Mesh, global_batch_size: int, rules: str | Rules) -> None:
+    """Raise a one-line ValueError, naming the value and the fix, when a sharded dimension does not split evenly
+    over its mesh axes: the batch over data * fsdp, d_model over fsdp, heads / d_ff / vocab over model."""
+    rules = get_rules(rules)
+    mesh_shape = dict(mesh.shape)
+    dims = [
+        ("batch", "batch_size", global_batch_size),
+        ("embed", "d_model", cfg.d_model),
+        ("heads", "num_heads", cfg.num_heads),
+        ("kv", "d_kv", cfg.head_dim),
+        ("mlp", "d_ff", cfg.d_ff),
+        ("vocab", "vocab_size", cfg.vocab_size),
+        ("relpos_buckets", "relative_attention_num_buckets", cfg.relative_attention_num_buckets),
+        ("abspos_buckets", "max_position_embeddings", cfg.max_position_embeddings),
+    ]
+    if cfg.scan_layers:
+        dims += [("layers", "num_encoder_layers", cfg.num_encoder_layers)]
+        dims += [("layers", "num_decoder_layers", cfg.num_decoder_layers)]
+    for name, field, size in dims:
+        axes = _mesh_axes(rules, name)
+        missing = [axis for axis in axes if axis not in mesh_shape]
+        if missing:
+            raise ValueError(
+                f"the rules map {name!r} to mesh axis {missing[0]!r}, which the mesh {mesh_shape} lacks; "
+                f"use mesh axes {MESH_AXES} or fix the rules"
+            )
+        ways = math.prod(mesh_shape[axis] for axis in axes)
+        if size % ways:
+            product = " * ".join(f"{axis}={mesh_shape[axis]}" for axis in axes) + (
+                f" = {ways}" if len(axes) > 1 else ""
+            )
+            whole = [preset for preset, preset_rules in RULES.items() if not _mesh_axes(preset_rules, name)]
+            unshard = (
+                f", or partitioning {' / '.join(repr(p) for p in whole)} that leaves {name!r} whole" if whole else ""
+            )
+            raise ValueError(
+                f"{field}={size} is not divisible by {product}, the mesh {'axes' if len(axes) > 1 else 'axis'} "
+                f"sharding {name!r} (mesh {mesh_shape}); use a {field} that is a multiple of {ways}, or a mesh_shape "
+                f"where {' * '.join(axes)} divides {size}{unshard}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-host.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> tuple[int, int]:
+    """Join the other processes of a multi-host run; return ``(process_index, process_count)``.
+
+    Calls ``jax.distributed.initialize`` when given explicit arguments, or inside a SLURM job step of more
+    than one task (``srun``: jax reads the coordinator, count and rank from SLURM's variables); otherwise
+    (one process) it does nothing. Call it before anything else touches jax devices.
+    """
+    explicit = any(value is not None for value in (coordinator_address, num_processes, process_id))
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ
+    if (explicit or slurm) and not jax.distributed.is_initialized():
+        if explicit:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        else:
+            jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def host_local_to_global(batch: Any, mesh: Mesh, rules: str | Rules | None = None) -> Any:
+    """This process's rows of a batch (pytree of [local_batch, ...] arrays) -> global ``jax.Array``s sharded
+    by ``batch_sharding``; the global batch is the rows of all processes, in process order."""
+    sharding = batch_sharding(mesh, rules)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
