@@ -1,0 +1,420 @@
+"""Orbax checkpoints of a training run: the train state, the data-iterator state, the run config, the vocabulary.
+
+A thin layer over ``orbax.checkpoint.CheckpointManager``; the train state is any pytree of jax arrays (a
+``TrainState`` flax struct, a dict), so this module does not depend on the trainer. On disk::
+
+    WORKDIR/
+      vocab/                 spm.model + vocab.json, written once by ``save_vocabulary`` (Vocabulary.save)
+      checkpoints/
+        <step>/
+          state/             StandardSave of the state pytree (OCDBT + zarr; sharded arrays written in place)
+          data/              JSON: the Grain iterator state (``pipeline.iterator_state``)
+          config/            JSON: the run config dict
+          _CHECKPOINT_METADATA, metrics/ (when metrics were given)
+
+Typical train loop::
+
+    ckpt = Checkpointer(workdir, save_every_steps=1000, keep=3, keep_best=1, config=config.to_dict())
+    ckpt.save_vocabulary(vocab)
+    if ckpt.latest_step() is not None:                              # automatic resume
+        state, data_state, _ = ckpt.restore(abstract_state=abstract_state)   # ShapeDtypeStructs with .sharding
+        iterator = pipeline.restore_iterator(dataset, data_state)
+    handler = install_preemption_handler()
+    for step in ...:
+        ...
+        ckpt.maybe_save(step, state, pipeline.iterator_state(iterator), metrics, force=preemption_requested())
+        if preemption_requested():
+            break
+    ckpt.close(); handler.uninstall()
+
+Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so a crash during a
+save leaves the previous step as the latest restorable one; leftover temporary directories are ignored and
+removed when the next ``Checkpointer`` opens the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+CHECKPOINTS_DIR = "checkpoints"
+VOCAB_DIR = "vocab"
+STATE, DATA, CONFIG = "state", "data", "config"
+CONVERTED_PARAMS_DIR = "params"  # convert.save_converted layout: WORKDIR/params + WORKDIR/model_config.json
+CONVERTED_CONFIG_FILE = "model_config.json"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line if len(line) <= 200 else line[:200] + '...'}"
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``params/encoder/layers_0/...`` of a jax key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _to_json_dict(config: Any) -> dict[str, Any]:
+    """A JSON-serializable dict of a run config (dict or ml_collections ConfigDict); clear error otherwise."""
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    try:
+        return json.loads(json.dumps(dict(config)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"the run config must be JSON-serializable to be checkpointed ({_first_line(error)})"
+        ) from None
+
+
+def _single_device_abstract(metadata_tree: Any) -> Any:
+    """ShapeDtypeStructs on the first local device for a checkpoint's array metadata (tools, tests, eval)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(leaf: Any) -> Any:
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
+        return leaf
+
+    return jax.tree.map(abstract, metadata_tree)
+
+
+class Checkpointer:
+    """Saves and restores ``WORKDIR/checkpoints/<step>/{state,data,config}`` with Orbax.
+
+    Keep policy: the last ``keep`` checkpoints, plus the best ``keep_best`` among those saved with
+    ``metrics[best_metric]`` (orbax ``AnyPreservationPolicy(LatestN, BestN)``: a checkpoint survives when either
+    policy keeps it). Checkpoints saved without that metric only count as "last".
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        save_every_steps: int,
+        keep: int = 3,
+        keep_best: int = 0,
+        best_metric: str = "eval/loss",
+        best_mode: str = "min",
+        async_save: bool = True,
+        config: Any = None,
+    ) -> None:
+        if save_every_steps < 1:
+            raise ValueError(f"save_every_steps={save_every_steps} must be >= 1")
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1 (the latest checkpoint is what a resume needs)")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'")
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
+        self.save_every_steps = save_every_steps
+        self.best_metric = best_metric
+        self.config = _to_json_dict(config)
+        policies: list[Any] = [ocm.LatestN(n=keep)]
+        if keep_best > 0:
+            policies.append(
+                ocm.BestN(
+                    get_metric_fn=lambda metrics: float(metrics[best_metric]),
+                    reverse=best_mode == "min",  # BestN keeps the *last* n of the sorted order
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA: ocp.JsonCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Saving.
+    # ---------------------------------------------------------------------------------------------------------
+
+    def save_vocabulary(self, vocab: Any) -> str:
+        """Copy the vocabulary into ``WORKDIR/vocab/`` once (a later call with the same vocabulary is a no-op)."""
+        directory = os.path.join(self.workdir, VOCAB_DIR)
+        if os.path.isdir(directory) and os.listdir(directory):
+            return directory
+        if jax.process_index() == 0:
+            vocab.save(directory)
+        return directory
+
+    def maybe_save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Mapping[str, Any] | None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save when ``step % save_every_steps == 0`` or ``force``; returns whether a save was started.
+
+        With ``async_save`` the arrays are copied off the devices before this returns and written in the
+        background, so the train step may donate ``state`` right after. A step already on disk is not rewritten.
+        """
+        step = int(step)
+        if not (force or step % self.save_every_steps == 0):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: ocp.args.JsonSave(dict(data_state or {})),
+                    CONFIG: ocp.args.JsonSave(self.config),
+                }
+            ),
+            metrics=metrics if self.best_metric in metrics else None,
+            force=True,
+        )
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Block until background saves are on disk (and old checkpoints deleted per the keep policy)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's threads."""
+        self._manager.close()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Restoring.
+    # ---------------------------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps with a complete checkpoint, ascending (temporary directories of unfinished saves excluded)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when the workdir has none (a fresh run)."""
+        return self._manager.latest_step()
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        return int(step)
+
+    def state_metadata(self, step: int | None = None) -> Any:
+        """The saved state's tree of array metadata (shape, dtype), read without loading arrays."""
+        step = self._resolve_step(step)
+        try:
+            metadata = self._manager.item_metadata(step)[STATE]
+            if metadata is None:
+                raise FileNotFoundError(f"{STATE}/_METADATA is missing or unreadable")
+            return metadata.tree
+        except Exception as error:  # noqa: BLE001 - any orbax/tensorstore failure means an unreadable step
+            raise self._corrupt(step, error) from None
+
+    def _corrupt(self, step: int, error: BaseException) -> ValueError:
+        earlier = [s for s in self.all_steps() if s < step]
+        hint = f"restore an earlier step with restore(step={earlier[-1]})" if earlier else "no earlier step exists"
+        return ValueError(
+            f"checkpoint {self._step_dir(step)} is corrupt or incomplete ({_first_line(error)}); delete it or {hint}"
+        )
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """One-line error naming the first parameter whose saved shape differs from the requested one."""
+        saved = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(self.state_metadata(step))[0]}
+        wanted = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        for path, leaf in wanted:
+            name = _path_name(path)
+            if name not in saved:
+                raise ValueError(
+                    f"checkpoint {self._step_dir(step)} has no {name!r}: it was written by a different model "
+                    "config or train state; use another --workdir or the config it was trained with"
+                )
+            if tuple(np.shape(leaf)) != tuple(saved[name].shape):
+                raise ValueError(
+                    f"checkpoint {self._step_dir(step)} holds {name!r} with shape {tuple(saved[name].shape)} but the "
+                    f"model expects {tuple(np.shape(leaf))}: the workdir was written by a different model config; "
+                    "use another --workdir or the config it was trained with"
+                )
+
+    def restore(
+        self,
+        step: int | None = None,
+        abstract_state: Any = None,
+        shardings: Any = None,
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state, data_state, config) of ``step`` (default: latest), arrays placed on the target shardings.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with ``.sharding``) or arrays of the state's
+        structure, e.g. ``jax.eval_shape(init_fn)`` with shardings from the partitioning rules; ``shardings``, a
+        pytree of the same structure, overrides them. The checkpoint may have been written on any other mesh.
+        Without either, the state is restored as saved (dict tree) onto the first local device.
+        """
+        step = self._resolve_step(step)
+        if abstract_state is None:
+            target = _single_device_abstract(self.state_metadata(step))
+        else:
+            target = jax.tree.map(
+                lambda x: (
+                    x
+                    if isinstance(x, jax.ShapeDtypeStruct)
+                    else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+                ),
+                abstract_state,
+            )
+        if shardings is not None:
+            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+        self._check_shapes(step, target)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardRestore(target),
+                        DATA: ocp.args.JsonRestore(),
+                        CONFIG: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+            raise self._corrupt(step, error) from None
+        return restored[STATE], dict(restored[DATA] or {}), dict(restored[CONFIG] or {})
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Parameters only, for tools and tests.
+# -------------------------------------------------------------------------------------------------------------
+
+
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
+    """The ``params`` subtree of a training checkpoint (latest or ``step``), or of a converted HF checkpoint.
+
+    ``WORKDIR/checkpoints/`` is read when present; otherwise the ``convert.save_converted`` layout
+    (``WORKDIR/params`` + ``model_config.json``). Arrays land on the first local device.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    if os.path.isdir(os.path.join(workdir, CHECKPOINTS_DIR)):
+        checkpointer = Checkpointer(workdir, save_every_steps=1, async_save=False)
+        try:
+            step = checkpointer._resolve_step(step)
+            metadata = checkpointer.state_metadata(step)
+            if not isinstance(metadata, Mapping) or "params" not in metadata:
+                raise ValueError(f"the state in {checkpointer._step_dir(step)} has no 'params' entry")
+            # Restore only the params subtree: the optimizer state is never read.
+            target = {"params": _single_device_abstract(metadata["params"])}
+            args = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
+            try:
+                with ocp.PyTreeCheckpointer() as reader:
+                    restored = reader.restore(os.path.join(checkpointer._step_dir(step), STATE), args=args)
+            except Exception as error:  # noqa: BLE001
+                raise checkpointer._corrupt(step, error) from None
+            return restored["params"]
+        finally:
+            checkpointer.close()
+    if os.path.isdir(os.path.join(workdir, CONVERTED_PARAMS_DIR)) and os.path.isfile(
+        os.path.join(workdir, CONVERTED_CONFIG_FILE)
+    ):
+        if step is not None:
+            raise ValueError(f"{workdir} holds a converted checkpoint (no steps); call load_params without step")
+        from t5x_lite import convert
+
+        return convert.load_converted(workdir)[1]
+    raise FileNotFoundError(
+        f"{workdir} has neither {CHECKPOINTS_DIR}/ (a training run) nor {CONVERTED_PARAMS_DIR}/ + "
+        f"{CONVERTED_CONFIG_FILE} (python -m t5x_lite.convert from-hf)"
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGINT set a flag; the train loop saves at the current step and exits.
+# -------------------------------------------------------------------------------------------------------------
+
+_PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested: list[int] = []  # signal numbers received since install (module state: signal handlers are global)
+
+
+def preemption_requested() -> bool:
+    """True once SIGTERM or SIGINT arrived after ``install_preemption_handler``: save now and exit."""
+    return bool(_requested)
+
+
+@dataclasses.dataclass
+class PreemptionHandler:
+    """Installed SIGTERM/SIGINT handlers; ``uninstall()`` puts the previous ones back and clears the flag."""
+
+    previous: dict[int, Any]
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        _requested.clear()
+
+    @property
+    def requested(self) -> bool:
+        return preemption_requested()
+
+
+def install_preemption_handler(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
+    """Make SIGTERM/SIGINT set the flag polled by ``preemption_requested()`` instead of killing the process.
+
+    Why: a preempted TPU VM or a SLURM job gets SIGTERM some seconds before SIGKILL; the loop should finish its
+    step, save that step and exit 0. ``callback(signum)``, if given, runs inside the handler: keep it tiny (log a
+    line). A second signal while the first is pending falls through to the previous handler (e.g. a second
+    Ctrl-C still interrupts a stuck run). Must be called from the main thread.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in _PREEMPTION_SIGNALS}
+
+    def handle(signum: int, frame: Any) -> None:
+        if _requested:
+            old = previous.get(signum)
+            if callable(old):
+                old(signum, frame)
+                return
+            if old == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        _requested.append(signum)
+        if callback is not None:
+            callback(signum)
+
+    _requested.clear()
+    for signum in _PREEMPTION_SIGNALS:
+        signal.signal(signum, handle)
+    return PreemptionHandler(previous)
