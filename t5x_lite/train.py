@@ -1,0 +1,234 @@
+"""Train a model from a config file: one readable loop, resumable, on whatever devices are there.
+
+    python -m t5x_lite.train --config configs/demo.py --workdir /tmp/demo [--config.num_train_steps=500]
+
+Writes WORKDIR/config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/ (state, data-iterator state,
+config) and vocab/. Started again with the same workdir, it resumes from the latest checkpoint on the exact
+next batch. SIGTERM/SIGINT save the current step before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs.common import get_model_config
+from t5x_lite import checkpoints, decoding, metrics, network, optimizers, partitioning, trainer
+from t5x_lite.data import pipeline
+from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
+from t5x_lite.data.vocab import Vocabulary
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad config); the message says what and the last checkpoint."""
+
+
+def _vocabulary(config, task, workdir: str) -> Vocabulary:
+    """The run's vocabulary: the one saved in the workdir when resuming, else the task's (trained and cached)."""
+    saved = os.path.join(workdir, "vocab")
+    if os.path.isdir(saved):
+        return Vocabulary.load(saved)
+    return task_vocabulary(task, cache_dir=config.vocab_cache_dir or None, data_dir=config.data_dir or None)
+
+
+def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
+    padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
+    return get_model_config(config.model, vocab_size=padded_vocab, **dict(config.model_overrides))
+
+
+def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dict[str, float]:
+    """Loss over the eval split and, for tasks scored by exact match, greedy decoding of it."""
+    dataset = pipeline.eval_dataset(
+        task,
+        vocab,
+        config.eval_split,
+        batch_size=config.eval_batch_size,
+        data_dir=config.data_dir or None,
+        shard=pipeline.ProcessShard.from_jax(),
+    )
+    source = task.get_source(config.eval_split, data_dir=config.data_dir or None)
+    limit = config.eval_examples or len(source)
+    sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
+    predictions, references = [], []
+    for batch in dataset:
+        if len(references) >= limit:
+            break
+        ids, mask = batch.pop("example_id"), batch.pop("example_mask")
+        global_batch = partitioning.host_local_to_global(batch, mesh, rules)
+        out = eval_fn(state.params, global_batch)
+        for key in sums:
+            sums[key] += float(out[key])
+        if "exact_match" in task.metrics:
+            tokens = decoding.greedy_decode(
+                model_cfg,
+                state.params,
+                global_batch["encoder_input_tokens"],
+                max_decode_length=task.lengths["targets"],
+                vocab_limit=vocab.vocab_size,
+            )
+            texts = vocab.decode_batch(np.asarray(jax.device_get(tokens)))
+            for text, example_id, real in zip(texts, ids, mask, strict=False):
+                if real and len(references) < limit:
+                    predictions.append(task.postprocess(text))
+                    references.append(source[int(example_id)]["references"])
+    result = {
+        "eval/loss": sums["loss_sum"] / max(sums["weight_sum"], 1.0),
+        "eval/accuracy": 100.0 * sums["correct"] / max(sums["weight_sum"], 1.0),
+    }
+    if predictions:
+        result["eval/exact_match"] = metrics.exact_match(predictions, references)
+        result["eval/examples"] = float(len(predictions))
+    return result
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
+    # ------------------------------------------------------------------------------------------- setup
+    partitioning.maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    task = TaskRegistry.get(config.task)
+    vocab = _vocabulary(config, task, workdir)
+    model_cfg = _model_config(config, vocab)
+    mesh, rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
+    partitioning.validate(model_cfg, mesh, config.batch_size, rules)
+    optimizer = optimizers.make_optimizer(config)
+    schedule = optimizers.make_schedule(config)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"config": config.to_dict(), "model": model_cfg.to_dict()}, f, indent=2, default=str)
+
+    # ------------------------------------------------------------------------------------------- state and data
+    checkpointer = checkpoints.Checkpointer(
+        workdir,
+        save_every_steps=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints,
+        config=config.to_dict(),
+    )
+    checkpointer.save_vocabulary(vocab)
+    train_data = pipeline.train_dataset(
+        task,
+        vocab,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        pack=config.pack,
+        shard=pipeline.ProcessShard.from_jax(),
+        data_dir=config.data_dir or None,
+    )
+    shardings = trainer.state_shardings(model_cfg, optimizer, mesh, rules)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.eval_shape(lambda key: trainer.create_train_state(model_cfg, optimizer, key), jax.random.key(0))
+        state, data_state, _ = checkpointer.restore(latest, abstract_state=abstract, shardings=shardings)
+        iterator = pipeline.restore_iterator(train_data, data_state)
+        logging.info("resumed from step %d", latest)
+    else:
+        state = trainer.create_train_state(model_cfg, optimizer, jax.random.key(config.seed), mesh, rules)
+        if config.init_from:
+            params = checkpoints.load_params(config.init_from)
+            network.check_params_match(model_cfg, params, source=f"the checkpoint in {config.init_from}")
+            state = state.replace(params=jax.device_put(params, shardings.params))
+        iterator = iter(train_data)
+    start_step = int(state.step)
+
+    # ------------------------------------------------------------------------------------------- train loop
+    train_step = trainer.compile_train_step(
+        model_cfg,
+        optimizer,
+        mesh,
+        rules,
+        num_microbatches=config.num_microbatches,
+        label_smoothing=config.label_smoothing,
+        z_loss=config.z_loss,
+        schedule=schedule,
+    )
+    eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules)
+    writer = metrics.MetricWriter(workdir, enabled=is_chief)
+    preemption = checkpoints.install_preemption_handler()
+    rng = jax.random.key(config.seed)
+    last_eval: dict[str, float] = {}
+    progress = _progress(start_step, config.num_train_steps, enabled=is_chief)
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    try:
+        with partitioning.activate(mesh, rules):
+            for step in range(start_step, config.num_train_steps):
+                batch = next(iterator)
+                window_tokens += int(np.sum(batch["decoder_target_tokens"] > 0))
+                state, step_metrics = train_step(state, partitioning.host_local_to_global(batch, mesh, rules), rng)
+                window_steps += 1
+                done = step + 1
+                if done % config.log_every_steps == 0 or done == config.num_train_steps:
+                    values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+                    if not math.isfinite(values["train/loss"]):
+                        raise TrainingError(
+                            f"non-finite loss {values['train/loss']} at step {done}; the last good checkpoint is step "
+                            f"{checkpointer.latest_step()} in {workdir} (lower learning_rate or set grad_clip_norm)"
+                        )
+                    elapsed = time.perf_counter() - window_start
+                    values["perf/step_time"] = elapsed / window_steps
+                    values["perf/target_tokens_per_sec"] = window_tokens * jax.process_count() / elapsed
+                    writer.write(done, values)
+                    progress.set_postfix(loss=f"{values['train/loss']:.3f}")
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+                    last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
+                    writer.write(done, last_eval)
+                    logging.info("step %d: %s", done, last_eval)
+                checkpointer.maybe_save(
+                    done,
+                    state,
+                    pipeline.iterator_state(iterator),
+                    metrics=last_eval or None,
+                    force=done == config.num_train_steps or preemption.requested,
+                )
+                progress.update(1)
+                if preemption.requested:
+                    logging.warning("preemption signal: saved step %d, exiting", done)
+                    break
+    finally:
+        progress.close()
+        checkpointer.wait()
+        checkpointer.close()
+        preemption.uninstall()
+        writer.close()
+    return last_eval
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None or not workdir:
+        raise app.UsageError("pass --config configs/X.py and --workdir DIR")
+    try:
+        final = train_and_evaluate(config, workdir)
+    except (TrainingError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if final:
+        print("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+
+
+def _cli() -> None:
+    jax.config.parse_flags_with_absl()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,358 @@
+"""TrainState and the pure train / eval step functions, jit-compiled with shardings and the state donated.
+
+Usage::
+
+    tx = optimizers.make_optimizer(config)
+    mesh, rules = partitioning.make_mesh(config.mesh_shape), config.partitioning
+    state = create_train_state(model_cfg, tx, jax.random.key(config.seed), mesh, rules)
+    step = compile_train_step(model_cfg, tx, mesh, rules, num_microbatches=2, schedule=optimizers.make_schedule(config))
+    with partitioning.activate(mesh, rules):
+        state, metrics = step(state, batch, jax.random.key(config.seed))  # `state` passed in is donated
+
+The loss is built from ``losses.cross_entropy`` *sums*: microbatches accumulate sums of the loss and of its
+gradient, and normalize once, so any number of microbatches gives the update of the full batch. See
+docs/training.md ("Train step").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t5x_lite import losses, network, partitioning
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step updates: an immutable pytree, so steps are pure and the state can be donated."""
+
+    step: jax.Array  # int32 scalar: the number of updates applied so far
+    params: Any
+    opt_state: optax.OptState
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State: shardings and initialization.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def _opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Sharding of every optimizer-state leaf, derived from the parameter it belongs to.
+
+    ``jax.eval_shape(optimizer.init, params)`` gives the state's shapes without computing it. A leaf whose path ends
+    with a parameter's path (``mu/encoder/...``, ``v_row/encoder/...``) belongs to that parameter: the same shape
+    takes the parameter's sharding (Adam moments, unfactored Adafactor moments); one dimension fewer (Adafactor's
+    factored row/column statistics) takes the parameter's spec without the reduced dimension. Anything else (step
+    counts, placeholders) is replicated: it is small.
+    """
+    flat_params = {
+        _key_names(path): (leaf, sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(params_shape)[0], jax.tree.leaves(shardings), strict=True
+        )
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def derive(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        names = _key_names(path)
+        for start in range(len(names)):
+            match = flat_params.get(names[start:])
+            if match is None:
+                continue
+            param, sharding = match
+            spec = tuple(sharding.spec) + (None,) * (len(param.shape) - len(sharding.spec))
+            if tuple(leaf.shape) == tuple(param.shape):
+                return sharding
+            if len(leaf.shape) == len(param.shape) - 1:
+                for dim in range(len(param.shape)):
+                    if tuple(param.shape[:dim] + param.shape[dim + 1 :]) == tuple(leaf.shape):
+                        return NamedSharding(mesh, PartitionSpec(*(spec[:dim] + spec[dim + 1 :])))
+            return replicated
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(derive, jax.eval_shape(optimizer.init, params_shape))
+
+
+def state_shardings(
+    model_cfg: network.TransformerConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: str | partitioning.Rules,
+) -> TrainState:
+    """``NamedSharding`` of every leaf of the ``TrainState`` (a TrainState of shardings): the parameters by the
+    logical-axis rules, the optimizer state like its parameters, the step replicated."""
+    shardings = partitioning.param_shardings(model_cfg, mesh, rules)
+    # unbox(apply_constraint=False): nn.meta.unbox would add sharding constraints when called under activate().
+    params_shape = jax.tree.map(
+        lambda box: box.unbox(apply_constraint=False),
+        network.abstract_params(model_cfg),
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+    return TrainState(
+        step=NamedSharding(mesh, PartitionSpec()),
+        params=shardings,
+        opt_state=_opt_state_shardings(optimizer, params_shape, shardings, mesh),
+    )
+
+
+def create_train_state(
+    model_cfg: network.TransformerConfig,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh | None = None,
+    rules: str | partitioning.Rules | None = None,
+) -> TrainState:
+    """A fresh ``TrainState`` at step 0. With a mesh, every array is created directly in its shards
+    (``state_shardings``); without one, on the default device. The parameters are the same either way."""
+    if mesh is None:
+        params = network.init_params(model_cfg, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params))
+    if rules is None:
+        raise ValueError("create_train_state: a mesh needs rules too, e.g. rules='fsdp' (see partitioning.RULES)")
+    shardings = state_shardings(model_cfg, optimizer, mesh, rules)
+    params = partitioning.init_params_sharded(model_cfg, rng, mesh, rules)
+    opt_state = jax.jit(optimizer.init, in_shardings=(shardings.params,), out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loss.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _loss_sums(
+    params: Any,
+    batch: Batch,
+    model_cfg: network.TransformerConfig,
+    dropout_rng: jax.Array | None,
+    label_smoothing: float,
+    z_loss: float,
+) -> dict[str, jax.Array]:
+    """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given."""
+    logits = network.Transformer(model_cfg).apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+        batch.get("encoder_segment_ids"),
+        batch.get("decoder_segment_ids"),
+        batch.get("encoder_positions"),
+        batch.get("decoder_positions"),
+        enable_dropout=dropout_rng is not None,
+        rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
+    )
+    return losses.cross_entropy(
+        logits,
+        batch["decoder_target_tokens"],
+        batch.get("decoder_loss_weights"),
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+
+
+def _denominator(weight_sum: jax.Array, normalization: str | float) -> jax.Array:
+    """What ``losses.normalize`` divides the loss by (validated there)."""
+    if isinstance(normalization, str):
+        return jnp.where(weight_sum > 0, weight_sum, 1.0)
+    return jnp.asarray(normalization, jnp.float32)
+
+
+def loss_fn(
+    params: Any,
+    batch: Batch,
+    model_cfg: network.TransformerConfig,
+    dropout_rng: jax.Array | None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+) -> tuple[jax.Array, Metrics]:
+    """Normalized loss of one batch and its metrics (``loss``, ``z_loss``, ``accuracy``, ``weight_sum``);
+    ``dropout_rng=None`` turns dropout off. Differentiable in ``params`` (``jax.grad(..., has_aux=True)``)."""
+    sums = _loss_sums(params, batch, model_cfg, dropout_rng, label_smoothing, z_loss)
+    metrics = losses.normalize(sums, normalization)
+    metrics["weight_sum"] = sums["weight_sum"]
+    return metrics["loss"], metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+    """[batch, ...] -> [num_microbatches, batch // num_microbatches, ...]; microbatch i is a contiguous block of
+    rows, and each keeps the batch sharding of the whole (a logical constraint, a no-op without rules)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"num_microbatches={num_microbatches} does not divide the batch size {x.shape[0]}; use a "
+                f"num_microbatches that divides {x.shape[0]} (and the per-device batch)"
+            )
+        x = x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model_cfg: network.TransformerConfig,
+    optimizer: optax.GradientTransformation,
+    num_microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+    schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on ``batch``; returns the new state and scalar metrics.
+
+    The gradient is that of the normalized loss of the whole batch, computed as the sum over ``num_microbatches``
+    microbatches (``lax.scan``) of the gradients of the loss *sums*, divided once by the normalizer: peak memory is
+    one microbatch's activations, and the result equals the full batch's. Dropout keys are
+    ``fold_in(fold_in(rng, step), microbatch)``, so a run is a function of (rng, step) and resumes exactly.
+    Metrics: ``loss``, ``z_loss``, ``accuracy``, ``weight_sum`` (real target tokens), ``grad_norm`` (of the
+    normalized gradient, before any clipping in the optimizer) and, given ``schedule``, ``learning_rate`` (the value
+    used for this update).
+    """
+    losses.normalize({"loss": 0.0, "z_loss": 0.0, "weight_sum": 1.0, "correct": 0.0}, normalization)  # validate
+    step_rng = jax.random.fold_in(rng, state.step)
+    use_dropout = model_cfg.dropout_rate > 0
+
+    def sums_and_grads(params: Any, microbatch: Batch, index: jax.Array) -> tuple[dict[str, jax.Array], Any]:
+        dropout_rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+
+        def loss_sum(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            sums = _loss_sums(params, microbatch, model_cfg, dropout_rng, label_smoothing, z_loss)
+            return sums["loss"], sums
+
+        (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        return sums, grads
+
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be a positive integer")
+    if num_microbatches == 1:
+        sums, grad_sum = sums_and_grads(state.params, batch, jnp.zeros((), jnp.int32))
+    else:
+        microbatches = _split_microbatches(batch, num_microbatches)
+        zero_sums = {key: jnp.zeros((), jnp.float32) for key in ("loss", "z_loss", "weight_sum", "correct")}
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+
+        def accumulate(carry: tuple[Any, Any], inputs: tuple[Batch, jax.Array]) -> tuple[tuple[Any, Any], None]:
+            sums, grads = sums_and_grads(state.params, *inputs)
+            return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+        indices = jnp.arange(num_microbatches, dtype=jnp.int32)
+        (sums, grad_sum), _ = jax.lax.scan(accumulate, (zero_sums, zero_grads), (microbatches, indices))
+
+    denominator = _denominator(sums["weight_sum"], normalization)
+    grads = jax.tree.map(lambda g: (g / denominator).astype(g.dtype), grad_sum)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = losses.normalize(sums, normalization)
+    metrics["weight_sum"] = sums["weight_sum"]
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any,
+    batch: Batch,
+    *,
+    model_cfg: network.TransformerConfig,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+) -> Metrics:
+    """Metrics of one batch without dropout: this batch's normalized ``loss``, ``z_loss`` and ``accuracy``, and the
+    sums (``loss_sum``, ``z_loss_sum``, ``correct``, ``weight_sum``) to add over batches and normalize once."""
+    sums = _loss_sums(params, batch, model_cfg, None, label_smoothing, z_loss)
+    metrics = losses.normalize(sums, normalization)
+    metrics.update(
+        loss_sum=sums["loss"], z_loss_sum=sums["z_loss"], correct=sums["correct"], weight_sum=sums["weight_sum"]
+    )
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compilation with shardings.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def compile_train_step(
+    model_cfg: network.TransformerConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: str | partitioning.Rules,
+    *,
+    num_microbatches: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """``train_step`` jit-compiled for ``mesh``: the state sharded by ``state_shardings`` and donated (argument 0;
+    do not reuse the state passed in), the batch by ``partitioning.batch_sharding``, the rng and the metrics
+    replicated. Call it inside ``partitioning.activate(mesh, rules)`` so the model's logical constraints apply."""
+    shardings = state_shardings(model_cfg, optimizer, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = functools.partial(
+        train_step,
+        model_cfg=model_cfg,
+        optimizer=optimizer,
+        num_microbatches=num_microbatches,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        normalization=normalization,
+        schedule=schedule,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(shardings, partitioning.batch_sharding(mesh, rules), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def compile_eval_step(
+    model_cfg: network.TransformerConfig,
+    mesh: Mesh,
+    rules: str | partitioning.Rules,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+) -> Callable[[Any, Batch], Metrics]:
+    """``eval_step`` jit-compiled for ``mesh`` (parameters as in training, batch sharded, metrics replicated)."""
+    step = functools.partial(
+        eval_step, model_cfg=model_cfg, label_smoothing=label_smoothing, z_loss=z_loss, normalization=normalization
+    )
+    return jax.jit(
+        step,
+        in_shardings=(partitioning.param_shardings(model_cfg, mesh, rules), partitioning.batch_sharding(mesh, rules)),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
