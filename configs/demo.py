@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
     config.pack = True
+    config.prefetch_batches = 2  # batches prepared ahead on a background thread
 
     config.model = "t5_tiny"
     config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})

@@ -125,6 +125,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         pack=config.pack,
         shard=pipeline.ProcessShard.from_jax(),
         data_dir=config.data_dir or None,
+        prefetch=config.get("prefetch_batches", 2),
     )
     shardings = trainer.state_shardings(model_cfg, optimizer, mesh, rules)
     latest = checkpointer.latest_step()
