@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -28,6 +30,9 @@ from t5x_lite.data.vocab import Vocabulary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
 class TrainingError(RuntimeError):
@@ -95,7 +100,6 @@ def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dic
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
     # ------------------------------------------------------------------------------------------- setup
-    partitioning.maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     task = TaskRegistry.get(config.task)
     vocab = _vocabulary(config, task, workdir)
@@ -133,7 +137,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         abstract = jax.eval_shape(lambda key: trainer.create_train_state(model_cfg, optimizer, key), jax.random.key(0))
         state, data_state, _ = checkpointer.restore(latest, abstract_state=abstract, shardings=shardings)
         iterator = pipeline.restore_iterator(train_data, data_state)
-        logging.info("resumed from step %d", latest)
+        if is_chief:
+            print(f"resuming from step {latest} in {workdir}", flush=True)
     else:
         state = trainer.create_train_state(model_cfg, optimizer, jax.random.key(config.seed), mesh, rules)
         if config.init_from:
@@ -160,12 +165,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     rng = jax.random.key(config.seed)
     last_eval: dict[str, float] = {}
     progress = _progress(start_step, config.num_train_steps, enabled=is_chief)
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    window_start, window_steps, window_tokens, window_fingerprint = time.perf_counter(), 0, 0, 0
+    profile = tuple(config.get("profile_steps", ()) or ())  # (first, last) step of a jax.profiler trace
+    crash_after = config.get("debug_crash_after_step", 0)  # fault injection for tests: SIGKILL after that save
     try:
         with partitioning.activate(mesh, rules):
             for step in range(start_step, config.num_train_steps):
                 batch = next(iterator)
                 window_tokens += int(np.sum(batch["decoder_target_tokens"] > 0))
+                window_fingerprint = zlib.crc32(
+                    np.ascontiguousarray(batch["decoder_target_tokens"]), window_fingerprint
+                )
+                if profile and step == profile[0]:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 state, step_metrics = train_step(state, partitioning.host_local_to_global(batch, mesh, rules), rng)
                 window_steps += 1
                 done = step + 1
@@ -179,9 +191,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     elapsed = time.perf_counter() - window_start
                     values["perf/step_time"] = elapsed / window_steps
                     values["perf/target_tokens_per_sec"] = window_tokens * jax.process_count() / elapsed
+                    values["data/fingerprint"] = float(
+                        window_fingerprint
+                    )  # crc32 of the targets seen since the last log
                     writer.write(done, values)
                     progress.set_postfix(loss=f"{values['train/loss']:.3f}")
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                    window_start, window_steps, window_tokens, window_fingerprint = time.perf_counter(), 0, 0, 0
+                if profile and done == profile[1]:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
                 if done % config.eval_every_steps == 0 or done == config.num_train_steps:
                     last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
                     writer.write(done, last_eval)
@@ -194,6 +212,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     force=done == config.num_train_steps or preemption.requested,
                 )
                 progress.update(1)
+                if crash_after and done == crash_after:
+                    checkpointer.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if preemption.requested:
                     logging.warning("preemption signal: saved step %d, exiting", done)
                     break
@@ -214,9 +235,12 @@ def _progress(start: int, total: int, enabled: bool):
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: keep the console readable
+        logging.set_verbosity(logging.WARNING)
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("pass --config configs/X.py and --workdir DIR")
+    partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         final = train_and_evaluate(config, workdir)
     except (TrainingError, ValueError, FileNotFoundError) as error:
@@ -228,6 +252,8 @@ def main(argv: list[str]) -> None:
 
 def _cli() -> None:
     jax.config.parse_flags_with_absl()
+    # Collectives between processes' CPU devices (multi-process CPU runs); no effect on GPU/TPU devices.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     app.run(main)
 
 

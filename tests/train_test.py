@@ -6,23 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
 from t5x_lite import checkpoints, metrics, train
+from tests import tiny_config
 
 
 def _config(tmp_path, steps: int):
-    config = demo.get_config(f"steps={steps},batch_size=8")
+    config = tiny_config.get_config(f"steps={steps}")
     config.vocab_cache_dir = str(tmp_path / "vocab_cache")
-    config.model_overrides.update(
-        dict(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_encoder_layers=1, num_decoder_layers=1, scan_layers=True)
-    )
-    config.warmup_steps = 2
-    config.decay_steps = 12
-    config.log_every_steps = 3
-    config.eval_every_steps = 12
-    config.eval_examples = 16
-    config.eval_batch_size = 8
-    config.checkpoint_every_steps = 6
     return config
 
 
