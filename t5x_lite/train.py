@@ -20,6 +20,7 @@ import zlib
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from configs.common import get_model_config
@@ -82,7 +83,10 @@ def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dic
                 max_decode_length=task.lengths["targets"],
                 vocab_limit=vocab.vocab_size,
             )
-            texts = vocab.decode_batch(np.asarray(jax.device_get(tokens)))
+            # Every process gets every row (and its id), in process order, and scores the whole batch.
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+            ids, mask = (multihost_utils.process_allgather(np.asarray(x), tiled=True) for x in (ids, mask))
+            texts = vocab.decode_batch(np.asarray(tokens))
             for text, example_id, real in zip(texts, ids, mask, strict=False):
                 if real and len(references) < limit:
                     predictions.append(task.postprocess(text))

@@ -29,8 +29,9 @@ def _command(workdir, config_arg: str, *overrides: str) -> list[str]:
 
 
 def _env(tmp_path, **extra) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    env.update(extra)
     return env
 
 
@@ -109,6 +110,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
         "--config.checkpoint_every_steps=1000",
         "--config.eval_every_steps=1000",
         "--config.mesh_shape=(2,1,1)",
+        "--config.pack=False",  # unpacked rows: the two processes together read exactly the 1-process batch
         _cache(tmp_path),
     )
     one = _run(
