@@ -20,8 +20,11 @@ $(VENV)/.installed-dev: setup.py | $(PY)
 	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
+DEMO_WORKDIR := workdirs/demo
+
 demo: $(VENV)/.installed
-	$(PY) -m t5x_lite.summary --model t5_small
+	rm -rf $(DEMO_WORKDIR)
+	$(PY) -m t5x_lite.train --config configs/demo.py --workdir $(DEMO_WORKDIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

@@ -15,7 +15,7 @@ import ml_collections
 
 def parse_arg(arg: str | None) -> dict[str, int]:
     """``'steps=500,batch_size=32'`` -> typed options (big_vision style)."""
-    options = {"steps": 3000, "batch_size": 64}
+    options = {"steps": 600, "batch_size": 64}
     for part in filter(None, (arg or "").split(",")):
         key, _, value = part.partition("=")
         if key not in options:
@@ -57,11 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.partitioning = "data_parallel"
 
     config.log_every_steps = 100
-    config.eval_every_steps = 1000
+    config.eval_every_steps = 600
     config.eval_split = "test"
     config.eval_examples = 1000  # 0 = the whole split
     config.eval_batch_size = 250
-    config.checkpoint_every_steps = 1000
+    config.checkpoint_every_steps = 300
     config.keep_checkpoints = 2
     config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step

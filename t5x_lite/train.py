@@ -222,6 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 if preemption.requested:
                     logging.warning("preemption signal: saved step %d, exiting", done)
                     break
+        if not last_eval and start_step >= config.num_train_steps:  # already trained: report the final model
+            last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
     finally:
         progress.close()
         checkpointer.wait()
