@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from configs.common import get_model_config
-from t5x_lite import checkpoints, decoding, metrics, network, optimizers, partitioning, trainer
+from t5x_lite import checkpoints, decoding, flops, metrics, network, optimizers, partitioning, trainer
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
@@ -164,6 +164,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         schedule=schedule,
     )
     eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules)
+    lengths = task.tasks()[0].lengths if hasattr(task, "tasks") else task.lengths
+    step_flops = flops.train_flops(model_cfg, config.batch_size, lengths["inputs"], lengths["targets"])
+    peak_flops, peak_source = flops.peak_flops_per_device()
+    if is_chief:
+        print(f"model FLOPs per step {step_flops:.3g}; peak {peak_flops:.3g} FLOP/s per device ({peak_source})")
     writer = metrics.MetricWriter(workdir, enabled=is_chief)
     preemption = checkpoints.install_preemption_handler()
     rng = jax.random.key(config.seed)
@@ -195,6 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     elapsed = time.perf_counter() - window_start
                     values["perf/step_time"] = elapsed / window_steps
                     values["perf/target_tokens_per_sec"] = window_tokens * jax.process_count() / elapsed
+                    values["perf/mfu"] = step_flops / (values["perf/step_time"] * peak_flops * jax.device_count())
                     values["data/fingerprint"] = float(
                         window_fingerprint
                     )  # crc32 of the targets seen since the last log

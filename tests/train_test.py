@@ -29,7 +29,7 @@ def test_metrics_checkpoints_and_files(straight):
     rows = metrics.read_metrics(workdir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [3, 6, 9, 12]
-    for key in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm", "perf/step_time"):
+    for key in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm", "perf/step_time", "perf/mfu"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     assert {"eval/loss", "eval/exact_match"} <= set(final) and final["eval/examples"] == 16
     ckpt = checkpoints.Checkpointer(workdir, save_every_steps=6)
