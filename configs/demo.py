@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 300
     config.keep_checkpoints = 2
     config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
+    config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step
     config.profile_steps = ()  # e.g. (100, 110): a jax.profiler trace of those steps in WORKDIR/profile
     return config

@@ -608,7 +608,8 @@ def _field_for_mismatch(cfg: TransformerConfig, name: str, expected: tuple, actu
         "max_position_embeddings": cfg.max_position_embeddings,
     }
     layers_field = "num_decoder_layers" if name.startswith("decoder") else "num_encoder_layers"
-    if cfg.scan_layers and len(expected) and len(actual) and expected[0] != actual[0]:
+    stacked = cfg.scan_layers and "/layers/" in f"/{name}/"  # a leading axis of one entry per layer
+    if stacked and len(expected) and len(actual) and expected[0] != actual[0]:
         return layers_field
     for dim_expected, dim_actual in zip(expected, actual, strict=False):
         if dim_expected != dim_actual:

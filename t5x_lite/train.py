@@ -162,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         label_smoothing=config.label_smoothing,
         z_loss=config.z_loss,
         schedule=schedule,
+        skip_nonfinite=config.get("skip_nonfinite_updates", False),
     )
     eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules)
     lengths = task.tasks()[0].lengths if hasattr(task, "tasks") else task.lengths
@@ -176,7 +177,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress = _progress(start_step, config.num_train_steps, enabled=is_chief)
     window_start, window_steps, window_tokens, window_fingerprint = time.perf_counter(), 0, 0, 0
     profile = tuple(config.get("profile_steps", ()) or ())  # (first, last) step of a jax.profiler trace
-    crash_after = config.get("debug_crash_after_step", 0)  # fault injection for tests: SIGKILL after that save
+    crash_after = config.get("debug_crash_after_step", 0)
+    skip_nonfinite = config.get("skip_nonfinite_updates", False)  # fault injection for tests: SIGKILL after that save
     try:
         with partitioning.activate(mesh, rules):
             for step in range(start_step, config.num_train_steps):
@@ -192,11 +194,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 done = step + 1
                 if done % config.log_every_steps == 0 or done == config.num_train_steps:
                     values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
-                    if not math.isfinite(values["train/loss"]):
-                        raise TrainingError(
-                            f"non-finite loss {values['train/loss']} at step {done}; the last good checkpoint is step "
-                            f"{checkpointer.latest_step()} in {workdir} (lower learning_rate or set grad_clip_norm)"
-                        )
+                    if not math.isfinite(values["train/loss"]) and not skip_nonfinite:
+                        raise _nonfinite(values["train/loss"], done, checkpointer, workdir)
                     elapsed = time.perf_counter() - window_start
                     values["perf/step_time"] = elapsed / window_steps
                     values["perf/target_tokens_per_sec"] = window_tokens * jax.process_count() / elapsed
@@ -214,6 +213,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
                     writer.write(done, last_eval)
                     logging.info("step %d: %s", done, last_eval)
+                saving = done % config.checkpoint_every_steps == 0 or done == config.num_train_steps
+                if saving and not skip_nonfinite and not math.isfinite(float(step_metrics["loss"])):
+                    raise _nonfinite(float(step_metrics["loss"]), done, checkpointer, workdir)  # never save NaNs
                 checkpointer.maybe_save(
                     done,
                     state,
@@ -237,6 +239,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         preemption.uninstall()
         writer.close()
     return last_eval
+
+
+def _nonfinite(loss: float, step: int, checkpointer: checkpoints.Checkpointer, workdir: str) -> TrainingError:
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    kept = f"the last good checkpoint is step {latest} in {workdir}" if latest else "no checkpoint was saved yet"
+    return TrainingError(
+        f"non-finite loss {loss} at step {step}; {kept} (lower learning_rate, set grad_clip_norm, "
+        "or set skip_nonfinite_updates=True to drop such updates)"
+    )
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -224,8 +224,12 @@ def train_step(
     z_loss: float = 0.0,
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
     schedule: optax.Schedule | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on ``batch``; returns the new state and scalar metrics.
+
+    With ``skip_nonfinite``, an update whose loss or gradient is not finite is dropped (parameters and optimizer
+    state unchanged, the step still counted) and metrics report ``skipped`` = 1.
 
     The gradient is that of the normalized loss of the whole batch, computed as the sum over ``num_microbatches``
     microbatches (``lax.scan``) of the gradients of the loss *sums*, divided once by the normalizer: peak memory is
@@ -275,6 +279,12 @@ def train_step(
     metrics["grad_norm"] = optax.global_norm(grads)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if skip_nonfinite:
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -314,6 +324,7 @@ def compile_train_step(
     z_loss: float = 0.0,
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
     schedule: optax.Schedule | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``train_step`` jit-compiled for ``mesh``: the state sharded by ``state_shardings`` and donated (argument 0;
     do not reuse the state passed in), the batch by ``partitioning.batch_sharding``, the rng and the metrics
@@ -329,6 +340,7 @@ def compile_train_step(
         z_loss=z_loss,
         normalization=normalization,
         schedule=schedule,
+        skip_nonfinite=skip_nonfinite,
     )
     return jax.jit(
         step,

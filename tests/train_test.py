@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -47,3 +49,40 @@ def test_resumed_run_equals_straight_run(straight, tmp_path):
     straight_params = checkpoints.load_params(workdir, step=12)
     resumed_params = checkpoints.load_params(resumed_dir, step=12)
     jax.tree.map(np.testing.assert_array_equal, resumed_params, straight_params)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = _config(tmp_path, 12)
+    config.learning_rate, config.schedule = 1e30, "constant"  # the first update overflows the parameters
+    with pytest.raises(train.TrainingError, match=r"non-finite loss nan at step 3; no checkpoint was saved yet"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_nonfinite_updates_can_be_skipped(tmp_path):
+    config = _config(tmp_path, 6)
+    config.learning_rate, config.schedule = 1e30, "constant"
+    config.skip_nonfinite_updates = True
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    rows = [r for r in metrics.read_metrics(tmp_path / "run") if "train/skipped" in r]
+    assert rows[-1]["train/skipped"] == 1.0
+    params = checkpoints.load_params(tmp_path / "run", step=6)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_init_from_a_converted_checkpoint(straight, tmp_path):
+    from t5x_lite import convert, network
+
+    _, workdir, _ = straight
+    params = checkpoints.load_params(workdir, step=12)
+    with open(f"{workdir}/config.json", encoding="utf-8") as f:
+        model = network.TransformerConfig.from_dict(json.load(f)["model"])
+    convert.save_converted(str(tmp_path / "converted"), params, model)
+    config = _config(tmp_path, 1)
+    config.init_from = str(tmp_path / "converted")
+    config.learning_rate, config.schedule = 1e-12, "constant"  # one step that barely moves the parameters
+    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    tuned = checkpoints.load_params(tmp_path / "finetune", step=1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, params)
+    config.model_overrides.d_model = 48
+    with pytest.raises(ValueError, match=r"TransformerConfig\.d_model=48 does not match the checkpoint in"):
+        train.train_and_evaluate(config, str(tmp_path / "mismatch"))
