@@ -62,7 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_examples = 1000  # 0 = the whole split
     config.eval_batch_size = 250
     config.checkpoint_every_steps = 300
-    config.keep_checkpoints = 2
+    config.keep_checkpoints = 2  # the last K ...
+    config.keep_best_checkpoints = 0  # ... plus the best K by best_metric (saved at eval steps)
+    config.best_metric = "eval/loss"
+    config.best_mode = "min"
     config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
     config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step

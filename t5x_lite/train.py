@@ -122,6 +122,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         workdir,
         save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
+        keep_best=config.get("keep_best_checkpoints", 0),
+        best_metric=config.get("best_metric", "eval/loss"),
+        best_mode=config.get("best_mode", "min"),
         config=config.to_dict(),
     )
     checkpointer.save_vocabulary(vocab)
