@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from t5x_lite import checkpoints, convert, network
-from tests.conftest import random_params
+from tests.conftest import REPO_ROOT, cpu_subprocess_env, random_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 TINY = network.TransformerConfig(
     vocab_size=32, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0
 )
@@ -241,7 +241,7 @@ _RESHARD = textwrap.dedent(
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_subprocess_env(devices=8)
     result = subprocess.run(
         [sys.executable, "-c", _RESHARD, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )

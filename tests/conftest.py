@@ -37,6 +37,20 @@ def random_params(cfg, seed: int = 0):
     return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(network.abstract_params(cfg)))
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """Environment of a child Python on CPU with ``devices`` forced host devices: XLA_FLAGS must be set before jax
+    is imported, and this test session has imported it already, so multi-device checks run in a subprocess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
 PARITY_RECORDS: list[tuple[str, float, float]] = []
 
 

@@ -9,7 +9,6 @@ joined over gloo on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import network, partitioning
+from tests.conftest import REPO_ROOT, cpu_subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 # scan_layers: one compiled layer per stack (init compiles in ~9 s instead of ~20 s), and the 'layers' axis.
 TINY = dict(
     vocab_size=64,
@@ -50,10 +50,7 @@ def _spec_json(spec: P) -> list:
 
 def _python(code: str, devices: int | None) -> subprocess.Popen:
     """Start ``python -c code`` in the repository root on CPU, with ``devices`` forced host devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = cpu_subprocess_env(devices)
     return subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from t5x_lite import checkpoints, metrics
+from tests.conftest import cpu_subprocess_env
 
 CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
 
@@ -29,10 +30,7 @@ def _command(workdir, config_arg: str, *overrides: str) -> list[str]:
 
 
 def _env(tmp_path, **extra) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
-    return env
+    return cpu_subprocess_env(**extra)
 
 
 def _run(command, env, timeout=300) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
@@ -18,8 +17,9 @@ import numpy as np
 import pytest
 
 from t5x_lite import network, optimizers, partitioning, trainer
+from tests.conftest import REPO_ROOT, cpu_subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 TINY = dict(
     vocab_size=64,
     d_model=16,
@@ -98,7 +98,7 @@ def _sharded_report(steps: int = 20) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def sharded_process():
     """Starts the 8-device subprocess when the module starts; the test at the end of the file reads it."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_subprocess_env(devices=8)
     code = "from tests.trainer_test import _sharded_report; _sharded_report()"
     process = subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
