@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "sacrebleu>=2.4",
+        "sacremoses>=0.1",
         "rouge-score>=0.1.2",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
