@@ -1,13 +1,18 @@
-"""Decoding over the network's key/value cache, jit-compiled with ``lax.while_loop``.
+"""Decoding over the network's key/value cache, jit-compiled with ``lax.while_loop``: greedy, temperature
+sampling with top-k / top-p, and beam search with the GNMT length penalty and early stopping.
 
-Greedy decoding for now (what training-time evaluation needs); beam search and sampling belong to the decoding
-issue. Ids at or above ``vocab_limit`` (the real vocabulary, when the embedding is padded to a multiple of 128)
-are never produced.
+Every function returns ``(tokens, scores)``: tokens are int32 with 0 after each sequence's EOS; scores are
+summed log-probabilities (beam search: divided by the length penalty). The decoder starts from token 0
+(T5's start token is the padding id). Ids at or above ``vocab_limit`` (the real vocabulary, when the embedding
+is padded to a multiple of 128) are never produced. Rows are independent, so a batch sharded over the
+``data`` mesh axis decodes in parallel on each shard.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,35 +20,244 @@ import jax.numpy as jnp
 from t5x_lite import network
 from t5x_lite.network import Transformer, TransformerConfig
 
+NEG_INF = -1.0e7  # "impossible" score; finite, so that sums and divisions of it stay well defined
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+    """GNMT's length normalization ``((5 + length) / 6) ** alpha`` (Wu et al. 2016), as T5X uses it."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _masked_log_probs(logits: jax.Array, vocab_limit: int) -> jax.Array:
+    """log-softmax over the first ``vocab_limit`` ids; padded ids get NEG_INF."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _encode(cfg: TransformerConfig, params: Any, encoder_input_tokens: jax.Array) -> jax.Array:
+    return Transformer(cfg).apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
+
+
+def _decode_loop(
+    cfg: TransformerConfig,
+    params: Any,
+    encoder_input_tokens: jax.Array,
+    choose: Callable[[jax.Array, jax.Array], jax.Array],
+    max_decode_length: int,
+    eos_id: int,
+    vocab_limit: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row per step, ``choose(log_probs [b, v], position) -> ids [b]``, until every row has EOS."""
+    batch = encoder_input_tokens.shape[0]
+    encoded = _encode(cfg, params, encoder_input_tokens)
+    cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, max_decode_length)
+    limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+
+    def keep_going(carry):
+        position, _, _, _, done, _ = carry
+        return (position < max_decode_length) & ~jnp.all(done)
+
+    def step(carry):
+        position, tokens, scores, cache, done, previous = carry
+        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous)
+        log_probs = _masked_log_probs(logits, limit)
+        chosen = jnp.where(done, 0, choose(log_probs, position).astype(jnp.int32))
+        picked = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+        scores = scores + jnp.where(done, 0.0, picked)
+        tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, position))
+        return position + 1, tokens, scores, cache, done | (chosen == eos_id), chosen
+
+    start = jnp.zeros((batch,), jnp.int32)
+    carry = (
+        jnp.int32(0),
+        jnp.zeros((batch, max_decode_length), jnp.int32),
+        jnp.zeros((batch,), jnp.float32),
+        cache,
+        jnp.zeros((batch,), bool),
+        start,
+    )
+    _, tokens, scores, _, _, _ = jax.lax.while_loop(keep_going, step, carry)
+    return tokens, scores
+
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_decode_length", "eos_id", "vocab_limit"))
 def greedy_decode(
     cfg: TransformerConfig,
-    params,
+    params: Any,
     encoder_input_tokens: jax.Array,
     *,
     max_decode_length: int,
     eos_id: int = 1,
     vocab_limit: int | None = None,
-) -> jax.Array:
-    """Most likely next token at every step: [batch, max_decode_length] int32, 0 after each row's EOS."""
-    batch = encoder_input_tokens.shape[0]
-    encoded = Transformer(cfg).apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
-    cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, max_decode_length)
+) -> tuple[jax.Array, jax.Array]:
+    """The most likely next token at every step: tokens [batch, max_decode_length], log-likelihoods [batch]."""
+    choose = lambda log_probs, _: jnp.argmax(log_probs, axis=-1)
+    return _decode_loop(cfg, params, encoder_input_tokens, choose, max_decode_length, eos_id, vocab_limit)
+
+
+def filter_logits(log_probs: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Scaled by 1/temperature, then all but the ``top_k`` most likely ids and all outside the smallest set
+    whose probability reaches ``top_p`` (nucleus) set to NEG_INF; ``top_k=0`` and ``top_p=1`` turn them off."""
+    logits = log_probs / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+        # the smallest id set reaching top_p: every id whose predecessors sum to less than top_p
+        keep = jnp.concatenate([jnp.ones_like(cumulative[..., :1], bool), cumulative[..., :-1] < top_p], axis=-1)
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    return logits
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_decode_length", "eos_id", "vocab_limit", "temperature", "top_k", "top_p")
+)
+def sample_decode(
+    cfg: TransformerConfig,
+    params: Any,
+    encoder_input_tokens: jax.Array,
+    rng: jax.Array,
+    *,
+    max_decode_length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = 1,
+    vocab_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Ancestral sampling from ``softmax(logits / temperature)`` restricted to top-k / top-p; temperature 0 is
+    greedy. Scores are the model's log-likelihood of the sampled tokens (unscaled, unfiltered)."""
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature={temperature}, "
+            f"top_k={top_k}, top_p={top_p}"
+        )
+
+    def choose(log_probs, position):
+        if temperature == 0:
+            return jnp.argmax(log_probs, axis=-1)
+        logits = filter_logits(log_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, position), logits, axis=-1)
+
+    return _decode_loop(cfg, params, encoder_input_tokens, choose, max_decode_length, eos_id, vocab_limit)
+
+
+# ----------------------------------------------------------------------------------------------- beam search
+
+
+def _cache_batch_axis(cfg: TransformerConfig, path: tuple[Any, ...], leaf: jax.Array) -> int | None:
+    """Which axis of a cache leaf is the batch (None: shared by all rows, e.g. the position counter)."""
+    name = getattr(path[-1], "key", None)
+    if name not in ("cached_key", "cached_value"):
+        return None
+    return 1 if cfg.scan_layers else 0
+
+
+def _map_cache_rows(cfg: TransformerConfig, cache: Any, fn: Callable[[jax.Array, int], jax.Array], *, self_only: bool):
+    """Apply ``fn(leaf, batch_axis)`` to every per-row cache leaf (only self-attention ones if ``self_only``)."""
+
+    def visit(path, leaf):
+        axis = _cache_batch_axis(cfg, path, leaf)
+        cross = any(getattr(p, "key", None) == "encoder_decoder_attention" for p in path)
+        if axis is None or (self_only and cross):
+            return leaf
+        return fn(leaf, axis)
+
+    return jax.tree_util.tree_map_with_path(visit, cache)
+
+
+def _gather_beams(x: jax.Array, beam_indices: jax.Array, batch: int, beams: int, axis: int = 0) -> jax.Array:
+    """Rows ``beam_indices`` [batch, beams'] (within each example) of ``x`` whose ``axis`` is batch*beams."""
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1 :])
+    index = beam_indices.reshape((1,) * axis + beam_indices.shape + (1,) * (x.ndim - axis - 2))
+    x = jnp.take_along_axis(x, index, axis=axis + 1)
+    return x.reshape(shape[:axis] + (batch * beam_indices.shape[1],) + shape[axis + 1 :])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "alpha", "max_decode_length", "eos_id", "vocab_limit"))
+def beam_search(
+    cfg: TransformerConfig,
+    params: Any,
+    encoder_input_tokens: jax.Array,
+    *,
+    beam_size: int,
+    max_decode_length: int,
+    alpha: float = 0.6,
+    eos_id: int = 1,
+    vocab_limit: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search: tokens [batch, beam_size, max_decode_length] and scores [batch, beam_size], best first.
+
+    A hypothesis is finished when it emits EOS; its score is its log-probability over
+    ``length_penalty(length incl. EOS, alpha)``. The ``beam_size`` best unfinished hypotheses go on; the search
+    stops at ``max_decode_length`` or once, for every row, ``beam_size`` hypotheses are finished and none of the
+    live ones can beat the worst of them (its log-probability can only fall, its penalty only grow). Rows that
+    finish nothing return their live hypotheses, scored at their full length.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be at least 1")
+    batch, k, steps = encoder_input_tokens.shape[0], beam_size, max_decode_length
     limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+    encoded = _encode(cfg, params, encoder_input_tokens)
+    encoded = jnp.repeat(encoded, k, axis=0)  # [batch * k, ...], beams of an example adjacent
+    enc_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
+    cache = network.init_decode_cache(cfg, params, encoded, enc_tokens, steps)
+    max_penalty = length_penalty(jnp.float32(steps), alpha)
 
-    def keep_going(carry):
-        position, _, _, done, _ = carry
-        return (position < max_decode_length) & ~jnp.all(done)
+    def keep_going(state):
+        position, _, live_logp, _, finished_scores, finished, _ = state
+        best_live = jnp.max(live_logp, axis=1) / max_penalty
+        worst_finished = jnp.min(jnp.where(finished, finished_scores, NEG_INF), axis=1)
+        settled = jnp.all(finished, axis=1) & (worst_finished >= best_live)
+        return (position < steps) & ~jnp.all(settled)
 
-    def step(carry):
-        position, tokens, cache, done, previous = carry
-        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
-        chosen = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, position))
-        return position + 1, tokens, cache, done | (chosen == eos_id), chosen
+    def step(state):
+        position, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache = state
+        previous = jnp.where(position > 0, live_seqs[:, :, jnp.maximum(position - 1, 0)], 0)
+        logits, cache = network.decode_step(cfg, params, cache, encoded, enc_tokens, previous.reshape(-1))
+        log_probs = _masked_log_probs(logits, limit).reshape(batch, k, -1)
+        vocab = log_probs.shape[-1]
+        candidates = (live_logp[:, :, None] + log_probs).reshape(batch, k * vocab)
+        # The 2k best continuations hold at least k that are not EOS (each beam has one EOS continuation).
+        top_logp, top_index = jax.lax.top_k(candidates, 2 * k)
+        parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+        is_eos = token == eos_id
 
-    start = jnp.zeros((batch,), jnp.int32)  # T5's decoder start token is the padding id 0
-    carry = (jnp.int32(0), jnp.zeros((batch, max_decode_length), jnp.int32), cache, jnp.zeros((batch,), bool), start)
-    return jax.lax.while_loop(keep_going, step, carry)[1]
+        # Hypotheses ending here: EOS continuations ranked among the k best (fairseq's rule; beam 1 is greedy).
+        ended = is_eos[:, :k] & (top_logp[:, :k] > NEG_INF / 2)
+        ended_seqs = jnp.take_along_axis(live_seqs, parent[:, :k, None], axis=1)
+        ended_seqs = jax.lax.dynamic_update_slice(ended_seqs, token[:, :k, None], (0, 0, position))
+        penalty = length_penalty((position + 1).astype(jnp.float32), alpha)
+        pool_flags = jnp.concatenate([finished, ended], axis=1)
+        pool_scores = jnp.concatenate([finished_scores, top_logp[:, :k] / penalty], axis=1)
+        pool_seqs = jnp.concatenate([finished_seqs, ended_seqs], axis=1)
+        best_scores, best = jax.lax.top_k(jnp.where(pool_flags, pool_scores, 2 * NEG_INF), k)
+        finished_seqs = jnp.take_along_axis(pool_seqs, best[:, :, None], axis=1)
+        finished = jnp.take_along_axis(pool_flags, best, axis=1)
+        finished_scores = jnp.where(finished, best_scores, NEG_INF)
+
+        # Hypotheses going on: the k best continuations other than EOS, in rank order.
+        _, keep = jax.lax.top_k(jnp.where(is_eos, 2 * NEG_INF, top_logp), k)
+        live_logp = jnp.take_along_axis(top_logp, keep, axis=1)
+        parent = jnp.take_along_axis(parent, keep, axis=1)
+        live_seqs = jnp.take_along_axis(live_seqs, parent[:, :, None], axis=1)
+        live_seqs = jax.lax.dynamic_update_slice(
+            live_seqs, jnp.take_along_axis(token, keep, axis=1)[:, :, None], (0, 0, position)
+        )
+        cache = _map_cache_rows(cfg, cache, lambda x, axis: _gather_beams(x, parent, batch, k, axis), self_only=True)
+        return position + 1, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache
+
+    # All beams start identical, so only the first may expand at step 0.
+    live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
+    empty = jnp.zeros((batch, k, steps), jnp.int32)
+    state = (jnp.int32(0), empty, live_logp, empty, jnp.full((batch, k), NEG_INF), jnp.zeros((batch, k), bool), cache)
+    _, live_seqs, live_logp, finished_seqs, finished_scores, finished, _ = jax.lax.while_loop(keep_going, step, state)
+
+    none_finished = ~jnp.any(finished, axis=1)
+    tokens = jnp.where(none_finished[:, None, None], live_seqs, finished_seqs)
+    scores = jnp.where(none_finished[:, None], live_logp / max_penalty, finished_scores)
+    return tokens, scores

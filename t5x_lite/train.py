@@ -20,14 +20,14 @@ import zlib
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from configs.common import get_model_config
-from t5x_lite import checkpoints, decoding, flops, metrics, network, optimizers, partitioning, trainer
+from t5x_lite import checkpoints, flops, metrics, models, network, optimizers, partitioning, trainer
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
+from t5x_lite.evaluation import evaluate_split
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")
@@ -54,51 +54,28 @@ def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
 
 
 def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dict[str, float]:
-    """Loss over the eval split and, for tasks scored by exact match, greedy decoding of it."""
-    dataset = pipeline.eval_dataset(
+    """Loss over the eval split and, for tasks with metrics, decoding of it scored by them (``eval/bleu``, ...)."""
+    settings = models.DecodeSettings(
+        beam_size=config.get("eval_beam_size", 1),
+        alpha=config.get("eval_alpha", 0.6),
+        max_decode_length=config.get("eval_max_decode_length", 0),
+    )
+    result = evaluate_split(
         task,
         vocab,
-        config.eval_split,
+        model_cfg,
+        state.params,
+        split=config.eval_split,
+        settings=settings,
         batch_size=config.eval_batch_size,
+        mesh=mesh,
+        rules=rules,
+        max_examples=config.eval_examples,
         data_dir=config.data_dir or None,
-        shard=pipeline.ProcessShard.from_jax(),
+        eval_fn=eval_fn,
+        decode=bool(task.metrics),
     )
-    source = task.get_source(config.eval_split, data_dir=config.data_dir or None)
-    limit = config.eval_examples or len(source)
-    sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
-    predictions, references = [], []
-    for batch in dataset:
-        if len(references) >= limit:
-            break
-        ids, mask = batch.pop("example_id"), batch.pop("example_mask")
-        global_batch = partitioning.host_local_to_global(batch, mesh, rules)
-        out = eval_fn(state.params, global_batch)
-        for key in sums:
-            sums[key] += float(out[key])
-        if "exact_match" in task.metrics:
-            tokens = decoding.greedy_decode(
-                model_cfg,
-                state.params,
-                global_batch["encoder_input_tokens"],
-                max_decode_length=task.lengths["targets"],
-                vocab_limit=vocab.vocab_size,
-            )
-            # Every process gets every row (and its id), in process order, and scores the whole batch.
-            tokens = multihost_utils.process_allgather(tokens, tiled=True)
-            ids, mask = (multihost_utils.process_allgather(np.asarray(x), tiled=True) for x in (ids, mask))
-            texts = vocab.decode_batch(np.asarray(tokens))
-            for text, example_id, real in zip(texts, ids, mask, strict=False):
-                if real and len(references) < limit:
-                    predictions.append(task.postprocess(text))
-                    references.append(source[int(example_id)]["references"])
-    result = {
-        "eval/loss": sums["loss_sum"] / max(sums["weight_sum"], 1.0),
-        "eval/accuracy": 100.0 * sums["correct"] / max(sums["weight_sum"], 1.0),
-    }
-    if predictions:
-        result["eval/exact_match"] = metrics.exact_match(predictions, references)
-        result["eval/examples"] = float(len(predictions))
-    return result
+    return {f"eval/{name}": value for name, value in result.metrics.items()}
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
