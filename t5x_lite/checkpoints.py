@@ -117,7 +117,10 @@ class Checkpointer:
         best_mode: str = "min",
         async_save: bool = True,
         config: Any = None,
+        read_only: bool = False,
     ) -> None:
+        """``read_only`` opens a workdir that another process may be training in: nothing is created, saved or
+        cleaned up (a writer's in-flight temporary directories are left alone)."""
         if save_every_steps < 1:
             raise ValueError(f"save_every_steps={save_every_steps} must be >= 1")
         if keep < 1:
@@ -142,8 +145,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -327,7 +331,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
     """
     workdir = os.path.abspath(os.fspath(workdir))
     if os.path.isdir(os.path.join(workdir, CHECKPOINTS_DIR)):
-        checkpointer = Checkpointer(workdir, save_every_steps=1, async_save=False)
+        checkpointer = Checkpointer(workdir, save_every_steps=1, async_save=False, read_only=True)
         try:
             step = checkpointer._resolve_step(step)
             metadata = checkpointer.state_metadata(step)

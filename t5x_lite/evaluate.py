@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from t5x_lite import models, partitioning
 from t5x_lite.evaluation import evaluate_split, load_workdir
@@ -26,6 +26,7 @@ from t5x_lite.evaluation import evaluate_split, load_workdir
 # ---------------------------------------------------------------------------------------------- command line
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A t5x_lite.train workdir (config.json, vocab/, checkpoints/).")
+_TASK = flags.DEFINE_string("task", None, "Decode this registered task instead of the trained one (same vocabulary).")
 _SPLIT = flags.DEFINE_string("split", None, "Split to decode (default: the config's eval_split).")
 _BEAM = flags.DEFINE_integer("beam_size", 1, "Beam size; 1 is greedy.")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "Length penalty exponent of beam search, ((5 + len) / 6) ** alpha.")
@@ -82,12 +83,14 @@ def format_table(rows: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     settings = decode_settings_from_flags()
-    loaded = load_workdir(_WORKDIR.value, checkpoint_step=_STEP.value, average_last=_AVERAGE.value)
+    loaded = load_workdir(_WORKDIR.value, checkpoint_step=_STEP.value, average_last=_AVERAGE.value, task=_TASK.value)
     config = loaded.config
     split = _SPLIT.value or config.get("eval_split", "validation")
     if split not in loaded.task.splits:

@@ -131,8 +131,11 @@ class LoadedModel:
     steps: list[int]  # the checkpoint step(s) the parameters come from
 
 
-def load_workdir(workdir: str, *, checkpoint_step: int | None = None, average_last: int = 0) -> LoadedModel:
-    """The config, vocabulary, task and parameters (one checkpoint, or the average of the last N) of a workdir."""
+def load_workdir(
+    workdir: str, *, checkpoint_step: int | None = None, average_last: int = 0, task: str | None = None
+) -> LoadedModel:
+    """The config, vocabulary, task and parameters (one checkpoint, or the average of the last N) of a workdir;
+    ``task`` names another registered task to decode instead of the one trained on (same vocabulary)."""
     workdir = os.path.abspath(workdir)
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
@@ -141,7 +144,7 @@ def load_workdir(workdir: str, *, checkpoint_step: int | None = None, average_la
         saved = json.load(f)
     model_cfg = TransformerConfig.from_dict(saved["model"])
     vocab = Vocabulary.load(os.path.join(workdir, "vocab"))
-    task = TaskRegistry.get(saved["config"]["task"])
+    task = TaskRegistry.get(task or saved["config"]["task"])
     if checkpoint_step is not None and average_last:
         raise ValueError("give --checkpoint_step or --average_last, not both")
     if average_last < 0:
@@ -164,7 +167,7 @@ def load_workdir(workdir: str, *, checkpoint_step: int | None = None, average_la
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the checkpoints in ``workdir``, oldest first."""
-    checkpointer = checkpoints.Checkpointer(workdir, save_every_steps=1, async_save=False)
+    checkpointer = checkpoints.Checkpointer(workdir, save_every_steps=1, async_save=False, read_only=True)
     try:
         return checkpointer.all_steps()
     finally:

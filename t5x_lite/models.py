@@ -104,7 +104,7 @@ def score_batch(cfg: TransformerConfig, params: Any, batch: Mapping[str, jax.Arr
         {"params": params},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
-        targets,
+        None,  # causal masking only, as in decoding: a (rarely) generated id 0 is then scored like any token
         batch.get("encoder_segment_ids"),
         batch.get("decoder_segment_ids"),
         batch.get("encoder_positions"),
