@@ -13,6 +13,8 @@ segment ids are not needed here.
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 from typing import Any
 
@@ -42,26 +44,8 @@ def cross_entropy(
       z_loss: coefficient of ``log(sum(exp(logits)))**2`` per token (keeps the softmax normalizer near 1).
     """
     logits = logits.astype(jnp.float32)
-    vocab_size = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if label_smoothing:
-        confidence = 1.0 - label_smoothing
-        low_confidence = label_smoothing / (vocab_size - 1)
-        normalizing_constant = -(
-            confidence * jnp.log(confidence) + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
-        )
-        # -sum_j soft_j * log p_j without materializing the [b, l, v] soft targets.
-        token_loss = (
-            -(confidence - low_confidence) * target_log_probs
-            - low_confidence * jnp.sum(log_probs, axis=-1)
-            - normalizing_constant
-        )
-    else:
-        token_loss = -target_log_probs
-    token_z_loss = z_loss * jnp.square(log_z)
-    token_loss = token_loss + token_z_loss
+    targets = targets.astype(jnp.int32)
+    token_loss, token_z_loss = _token_losses(logits, targets, float(label_smoothing), float(z_loss))
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
@@ -70,6 +54,57 @@ def cross_entropy(
         "weight_sum": jnp.sum(weights),
         "correct": jnp.sum(correct * weights),
     }
+
+
+def _soft_targets(targets: jax.Array, vocab_size: int, label_smoothing: float, dtype) -> jax.Array:
+    """The smoothed target distribution [..., vocab] built elementwise from an iota (fuses; no scatter)."""
+    confidence = 1.0 - label_smoothing
+    low_confidence = label_smoothing / (vocab_size - 1)
+    ids = jax.lax.broadcasted_iota(jnp.int32, targets.shape + (vocab_size,), targets.ndim)
+    return jnp.where(ids == targets[..., None], confidence, low_confidence).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _token_losses(logits: jax.Array, targets: jax.Array, label_smoothing: float, z_loss: float):
+    """Per-token (cross entropy + z-loss, z-loss). The custom gradient ``softmax * (1 + 2 z log_z) - soft_targets``
+    is one elementwise pass over the logits; autodiff of ``take_along_axis`` would scatter into a zero array."""
+    return _token_losses_fwd(logits, targets, label_smoothing, z_loss)[0]
+
+
+def _token_losses_fwd(logits, targets, label_smoothing, z_loss):
+    vocab_size = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.sum(jnp.where(jnp.arange(vocab_size) == targets[..., None], logits, 0.0), axis=-1)
+    target_log_probs = target_logits - log_z
+    if label_smoothing:
+        confidence = 1.0 - label_smoothing
+        low_confidence = label_smoothing / (vocab_size - 1)
+        normalizing_constant = -(
+            confidence * math.log(confidence) + (vocab_size - 1) * low_confidence * math.log(low_confidence + 1e-20)
+        )
+        # -sum_j soft_j * log p_j without materializing the [b, l, v] soft targets.
+        sum_log_probs = jnp.sum(logits, axis=-1) - vocab_size * log_z
+        token_loss = (
+            -(confidence - low_confidence) * target_log_probs - low_confidence * sum_log_probs - normalizing_constant
+        )
+    else:
+        token_loss = -target_log_probs
+    token_z_loss = z_loss * jnp.square(log_z)
+    return (token_loss + token_z_loss, token_z_loss), (logits, targets, log_z)
+
+
+def _token_losses_bwd(label_smoothing, z_loss, residuals, cotangents):
+    logits, targets, log_z = residuals
+    g_loss, g_z = cotangents
+    probs = jnp.exp(logits - log_z[..., None])
+    soft = _soft_targets(targets, logits.shape[-1], label_smoothing, logits.dtype)
+    # d(loss)/d(logits) = p - soft + 2 z log_z p; d(z-loss)/d(logits) = 2 z log_z p
+    z_term = (2.0 * z_loss * log_z * (g_loss + g_z))[..., None]
+    grad = g_loss[..., None] * (probs - soft) + z_term * probs
+    return grad, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def normalize(sums: dict[str, jax.Array], normalization: str | float | Any = NUM_REAL_TARGET_TOKENS) -> dict[str, Any]:
