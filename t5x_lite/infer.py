@@ -84,7 +84,7 @@ def infer_lines(
 
 def main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO
+        logging.set_verbosity(logging.ERROR)  # Orbax logs each restore step (INFO) and read-only access (WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not evaluate._WORKDIR.value:
