@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ def peak_rss_of(command: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of ``command`` run alone in a fresh child process."""
     code = (
         "import resource, subprocess, sys\n"
-        f"done = subprocess.run({command!r}, cwd={REPO!r}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+        f"done = subprocess.run({command!r}, cwd={REPO!r}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, "
+        "text=True)\n"
         "if done.returncode: sys.exit(done.stderr[-2000:])\n"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
