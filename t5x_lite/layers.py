@@ -287,39 +287,47 @@ class MultiHeadAttention(nn.Module):
         query = projection(kernel_init=query_init, name="query")(inputs_q)
 
         cache_ready = decode and self.has_variable("cache", "cached_key")
-        if is_cross_attention and cache_ready:
-            key = self.get_variable("cache", "cached_key")
-            value = self.get_variable("cache", "cached_value")
-        else:
-            key = projection(name="key")(inputs_kv)
-            value = projection(name="value")(inputs_kv)
-            if decode and is_cross_attention:
-                self.put_variable("cache", "cached_key", key)
-                self.put_variable("cache", "cached_value", value)
-            elif decode:
-                cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-                cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-                if cache_ready:
-                    if decode_index is None:
-                        raise ValueError("self-attention in decode mode needs decode_index")
-                    start = (0, decode_index, 0, 0)
-                    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
-                    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
-                    key, value = cached_key.value, cached_value.value
-
-        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-        key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
         if self.scale_qk:
             query = query / jnp.sqrt(self.d_kv).astype(query.dtype)
-
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        if not decode:
+            key = nn.with_logical_constraint(projection(name="key")(inputs_kv), ("batch", "length", "heads", "kv"))
+            value = nn.with_logical_constraint(projection(name="value")(inputs_kv), ("batch", "length", "heads", "kv"))
+            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+            value_spec = "bkhd"
+        else:
+            # Caches are head-major (keys [b, h, d_kv, len], values [b, h, len, d_kv]): the per-step dot products
+            # read them as stored, where [b, len, h, d_kv] made XLA transpose every cache at every step.
+            if is_cross_attention and cache_ready:
+                key = self.get_variable("cache", "cached_key")
+                value = self.get_variable("cache", "cached_value")
+            else:
+                key = projection(name="key")(inputs_kv).transpose(0, 2, 3, 1)
+                value = projection(name="value")(inputs_kv).transpose(0, 2, 1, 3)
+                if is_cross_attention:
+                    self.put_variable("cache", "cached_key", key)
+                    self.put_variable("cache", "cached_value", value)
+                else:
+                    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+                    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+                    if cache_ready:
+                        if decode_index is None:
+                            raise ValueError("self-attention in decode mode needs decode_index")
+                        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, 0, decode_index))
+                        cached_value.value = jax.lax.dynamic_update_slice(
+                            cached_value.value, value, (0, 0, decode_index, 0)
+                        )
+                        key, value = cached_key.value, cached_value.value
+            key = nn.with_logical_constraint(key, ("batch", "heads", "kv", "length"))
+            value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
+            logits = jnp.einsum("bqhd,bhdk->bhqk", query, key, preferred_element_type=jnp.float32)
+            value_spec = "bhkd"
         if attention_bias is not None:
             logits = logits + attention_bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0:
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
         out = DenseGeneral(
             features=inputs_q.shape[-1],

@@ -136,7 +136,8 @@ def test_attention_decode_cache_equals_full_pass():
     full = module.apply(variables, x, x, causal)
     _, state = module.apply(variables, x, x, causal, decode=True, mutable=["cache"])
     cache = state["cache"]
-    assert cache["cached_key"].shape == (2, 6, 2, 5)
+    assert cache["cached_key"].shape == (2, 2, 5, 6)  # head-major: [batch, heads, d_kv, length]
+    assert cache["cached_value"].shape == (2, 2, 6, 5)  # [batch, heads, length, d_kv]
     for t in range(6):
         row_bias = jnp.where(jnp.arange(6) <= t, 0.0, layers.NEG_INF)[None, None, None]
         out, state = module.apply(

@@ -15,15 +15,15 @@ What it measures. One random T5 (``--model``, T5 v1.0 shapes for ``t5_small``: 6
 
 tokens/s is new output tokens per second, ``batch * new_tokens / seconds``; for beam search that counts the
 ``batch * new_tokens`` tokens of the returned sequences, not ``beams x`` that. Timings are the median of
-``--repeats`` runs after a warm-up run, t5x_lite and Hugging Face alternating; the first t5x_lite call (trace +
-XLA compile + one run) is reported separately, and "compile" is that first call minus the steady-state median.
+``--repeats`` runs after a warm-up run of each, t5x_lite and Hugging Face alternating; t5x_lite's compilation
+(trace + lower + XLA compile, done ahead of time with ``.lower(...).compile()``) is excluded and printed apart.
 torch gets as many intra-op threads as XLA's CPU thread pool has (all cores this process may run on).
 
 Same amount of work on both sides. Both must generate exactly ``new_tokens`` tokens per row, so EOS (id 1) is
 made impossible in the weights: its row of the tied embedding / output projection is zeroed, giving it a logit
-of exactly 0 while the best of ~32k random logits is several units above (token 1 never appears in the inputs,
-so the input side is unaffected). No logits processor is added on either side. The script counts the generated
-tokens of every returned row on both sides and fails if any side stopped early.
+of exactly 0, about the median of the random logits and so never among the few best (token 1 never appears in
+the inputs, so the input side is unaffected). No logits processor is added on either side. The script counts
+the generated tokens of every returned row on both sides and fails if any side stopped early.
 
 Beam semantics differ between the two libraries, not the work done. Ours scores a finished hypothesis as
 log-probability / ((5 + len) / 6) ** alpha (GNMT, alpha 0.6, as T5X), lets an EOS continuation finish only
@@ -34,12 +34,21 @@ run ``new_tokens`` steps with 4 live beams per row and rank the 4 survivors of t
 should agree too (printed as a sanity line, like the fraction of identical greedy rows; float32 differences
 between XLA and PyTorch can split near-ties, so a few rows may differ).
 
-Measured (2025-07 run; see experiments/benchmarks/NOTES.md "decode_bench: t5x_lite vs Hugging Face generate"):
-Intel Xeon @ 2.50 GHz (AVX-512), 2 cores shared with a background training run, jax 0.10.2, torch 2.13 CPU,
-transformers 5.24, ``--model t5_small --batch 32 --new_tokens 64 --input_length 64 --repeats 3``, about 6
-minutes in all:
+Hardware and time. Intel Xeon @ 2.50 GHz (AVX-512), 2 cores shared with a background training run (load
+average 5-7), 24 GiB; jax 0.10.2 (XLA CPU, 2 threads), torch 2.13 CPU (2 intra-op threads), transformers 5.24
+(T5 attention "sdpa"). The full run takes about 14 minutes there (four runs per side and method: warm-up + 3);
+``--quick`` takes about 20 s.
 
-    RESULTS_PLACEHOLDER
+Measured 2026-11-26 at commit e70a509, ``--model t5_small --batch 32 --new_tokens 64 --input_length 64
+--repeats 3`` (medians; more in experiments/benchmarks/NOTES.md "decode_bench: t5x_lite vs Hugging Face
+generate"):
+
+    greedy  t5x_lite 115.4 tokens/s (17.7 s, compile 7.1 s)   hf 48.3 tokens/s (42.4 s)   ratio 2.39x
+    beam4   t5x_lite  33.3 tokens/s (61.4 s, compile 7.5 s)   hf 26.9 tokens/s (76.2 s)   ratio 1.24x
+
+All 32 greedy rows and all 32 top beams identical on both sides; 64 tokens per row on both. The beam-4 target
+(2x) is not met. Before e70a509 (top_k falling back to a full sort) beam-4 was 0.39x; with the key/value caches
+stored head-major as well (a scratch experiment, not in t5x_lite) it measured 2.15x.
 """
 
 from __future__ import annotations
@@ -73,6 +82,14 @@ QUICK_MODEL = dict(
 def cpu_cores() -> int:
     """Cores this process may run on: the size of XLA's CPU intra-op thread pool."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def build_models(args):
@@ -111,6 +128,18 @@ def hf_generate(model, inputs: torch.Tensor, mask: torch.Tensor, new_tokens: int
     return out[:, 1:].numpy()
 
 
+def ours_compile_seconds(cfg, params, inputs: jax.Array, new_tokens: int, beams: int) -> float:
+    """Trace + lower + XLA-compile time (ahead of time; the jit cache then holds the executable)."""
+    start = time.perf_counter()
+    if beams == 1:
+        decoding.greedy_decode.lower(cfg, params, inputs, max_decode_length=new_tokens, eos_id=EOS_ID).compile()
+    else:
+        decoding.beam_search.lower(
+            cfg, params, inputs, beam_size=beams, max_decode_length=new_tokens, alpha=ALPHA, eos_id=EOS_ID
+        ).compile()
+    return time.perf_counter() - start
+
+
 def ours_generate(cfg, params, inputs: jax.Array, new_tokens: int, beams: int) -> np.ndarray:
     """[batch, new_tokens] tokens; the best beam when ``beams > 1``."""
     if beams == 1:
@@ -147,8 +176,9 @@ def bench_method(name, beams, args, model, cfg, params):
     ours = lambda: ours_generate(cfg, params, inputs_jax, n, beams)
     hf = lambda: hf_generate(model, inputs_pt, mask_pt, n, beams)
 
-    first_s, ours_tokens = timed(ours)
-    _, hf_tokens = timed(hf)  # warm-up
+    compile_s = ours_compile_seconds(cfg, params, inputs_jax, n, beams)
+    _, ours_tokens = timed(ours)  # warm-up
+    _, hf_tokens = timed(hf)
     ours_times, hf_times = [], []
     for _ in range(args.repeats):
         ours_times.append(timed(ours)[0])
@@ -166,10 +196,8 @@ def bench_method(name, beams, args, model, cfg, params):
 
     tokens_out = args.batch * n
     ours_rate, hf_rate = tokens_out / ours_s, tokens_out / hf_s
-    print(
-        f"{name}: t5x_lite first call (trace+compile+run) {first_s:.2f} s, compile ~{first_s - ours_s:.2f} s; "
-        f"runs {', '.join(f'{t:.2f}' for t in ours_times)} s"
-    )
+    print(f"{name}: t5x_lite compile (trace+lower+XLA, excluded) {compile_s:.2f} s")
+    print(f"{name}: t5x_lite runs {', '.join(f'{t:.2f}' for t in ours_times)} s")
     print(f"{name}: hf runs {', '.join(f'{t:.2f}' for t in hf_times)} s")
     print(f"{name}: t5x_lite {ours_s:.3f} s = {ours_rate:,.1f} tokens/s; hf {hf_s:.3f} s = {hf_rate:,.1f} tokens/s")
     return ours_rate, hf_rate
@@ -193,7 +221,7 @@ def main(argv=None) -> None:
     transformers.logging.set_verbosity_error()
     cores = cpu_cores()
     torch.set_num_threads(cores)
-    print(f"date {datetime.date.today()}  machine {platform.processor() or platform.machine()}, {cores} cores")
+    print(f"date {datetime.date.today()}  machine {cpu_name()}, {cores} cores")
     print(
         f"jax {jax.__version__} devices {jax.devices()} (XLA CPU thread pool: {cores} threads); "
         f"torch {torch.__version__} intra-op threads {torch.get_num_threads()}, "
