@@ -39,16 +39,16 @@ average 5-7), 24 GiB; jax 0.10.2 (XLA CPU, 2 threads), torch 2.13 CPU (2 intra-o
 (T5 attention "sdpa"). The full run takes about 14 minutes there (four runs per side and method: warm-up + 3);
 ``--quick`` takes about 20 s.
 
-Measured 2026-11-26 at commit e70a509, ``--model t5_small --batch 32 --new_tokens 64 --input_length 64
---repeats 3`` (medians; more in experiments/benchmarks/NOTES.md "decode_bench: t5x_lite vs Hugging Face
-generate"):
+Measured 2026-11-26 with head-major key/value caches (after e70a509), ``--model t5_small --batch 32
+--new_tokens 64 --input_length 64 --repeats 3`` (medians; every row in experiments/benchmarks/NOTES.md
+"decode_bench: t5x_lite vs Hugging Face generate"):
 
-    greedy  t5x_lite 115.4 tokens/s (17.7 s, compile 7.1 s)   hf 48.3 tokens/s (42.4 s)   ratio 2.39x
-    beam4   t5x_lite  33.3 tokens/s (61.4 s, compile 7.5 s)   hf 26.9 tokens/s (76.2 s)   ratio 1.24x
+    greedy  t5x_lite 200.0 tokens/s (10.2 s, compile 9.0 s)   hf 73.9 tokens/s (27.7 s)   ratio 2.71x
+    beam4   t5x_lite  76.8 tokens/s (26.7 s, compile 5.8 s)   hf 29.9 tokens/s (68.6 s)   ratio 2.57x
 
 All 32 greedy rows and all 32 top beams identical on both sides; 64 tokens per row on both. The beam-4 target
-(2x) is not met. Before e70a509 (top_k falling back to a full sort) beam-4 was 0.39x; with the key/value caches
-stored head-major as well (a scratch experiment, not in t5x_lite) it measured 2.15x.
+(2x) is met. At e70a509 (caches [batch, length, heads, d_kv]) beam-4 was 1.24x, and before it (top_k falling
+back to a full sort) 0.39x.
 """
 
 from __future__ import annotations
