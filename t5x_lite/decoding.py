@@ -148,23 +148,15 @@ def sample_decode(
 # ----------------------------------------------------------------------------------------------- beam search
 
 
-def _cache_batch_axis(cfg: TransformerConfig, path: tuple[Any, ...], leaf: jax.Array) -> int | None:
-    """Which axis of a cache leaf is the batch (None: shared by all rows, e.g. the position counter)."""
-    name = getattr(path[-1], "key", None)
-    if name not in ("cached_key", "cached_value"):
-        return None
-    return 1 if cfg.scan_layers else 0
-
-
-def _map_cache_rows(cfg: TransformerConfig, cache: Any, fn: Callable[[jax.Array, int], jax.Array], *, self_only: bool):
-    """Apply ``fn(leaf, batch_axis)`` to every per-row cache leaf (only self-attention ones if ``self_only``)."""
+def _reorder_self_attention_cache(cfg: TransformerConfig, cache: Any, fn: Callable[[jax.Array, int], jax.Array]):
+    """Apply ``fn(leaf, batch_axis)`` to the self-attention key/value caches. The position counters are shared by
+    all rows, and the cross-attention caches are the same for every beam of an example, so neither moves."""
 
     def visit(path, leaf):
-        axis = _cache_batch_axis(cfg, path, leaf)
-        cross = any(getattr(p, "key", None) == "encoder_decoder_attention" for p in path)
-        if axis is None or (self_only and cross):
+        names = [getattr(p, "key", None) for p in path]
+        if names[-1] not in ("cached_key", "cached_value") or "encoder_decoder_attention" in names:
             return leaf
-        return fn(leaf, axis)
+        return fn(leaf, 1 if cfg.scan_layers else 0)  # scanned caches lead with the layer axis
 
     return jax.tree_util.tree_map_with_path(visit, cache)
 
@@ -250,7 +242,7 @@ def beam_search(
         live_seqs = jax.lax.dynamic_update_slice(
             live_seqs, jnp.take_along_axis(token, keep, axis=1)[:, :, None], (0, 0, position)
         )
-        cache = _map_cache_rows(cfg, cache, lambda x, axis: _gather_beams(x, parent, batch, k, axis), self_only=True)
+        cache = _reorder_self_attention_cache(cfg, cache, lambda x, axis: _gather_beams(x, parent, batch, k, axis))
         return position + 1, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache
 
     # All beams start identical, so only the first may expand at step 0.
