@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -243,6 +244,46 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 MLP_ACTIVATIONS = tuple(list(_ACTIVATIONS) + [f"gated-{name}" for name in _ACTIVATIONS])
 
 
+# How the non-decoding attention computes softmax(q.k + bias).v: "einsum" spells it out (any mask, attention
+# dropout); "xla" and "cudnn" call ``jax.nn.dot_product_attention`` with a ``FusedMask``, the latter a fused
+# flash-attention kernel of cuDNN (GPU, bf16/fp16). Decoding with a key/value cache always uses "einsum".
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn")
+
+
+@flax.struct.dataclass
+class FusedMask:
+    """The mask of ``jax.nn.dot_product_attention``: right padding as lengths, a causal flag, and the position bias.
+
+    cuDNN differentiates an attention bias only when its batch dimension is 1, so padding travels as lengths
+    ([batch] int32) and only the shared relative-position bias ([1, heads, q, k]) as a bias.
+    """
+
+    query_lengths: jax.Array
+    key_lengths: jax.Array
+    position_bias: jax.Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def fused_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: FusedMask, implementation: str
+) -> jax.Array:
+    """softmax(query.key + position_bias).value over [batch, length, heads, d_kv] inputs, unscaled like T5."""
+    bias = mask.position_bias
+    if bias is not None:
+        bias = bias.astype(query.dtype)  # cuDNN needs the bias in the inputs' dtype (NaN gradients in float32)
+    return jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        scale=1.0,
+        is_causal=mask.causal,
+        query_seq_lengths=mask.query_lengths,
+        key_value_seq_lengths=mask.key_lengths,
+        implementation=implementation,
+    )
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with an optional key/value cache for step-by-step decoding.
 
@@ -258,13 +299,14 @@ class MultiHeadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
+    kernel: str = "einsum"  # one of ATTENTION_KERNELS; "xla"/"cudnn" take a FusedMask as attention_bias
 
     @nn.compact
     def __call__(
         self,
         inputs_q: jax.Array,
         inputs_kv: jax.Array,
-        attention_bias: jax.Array | None,
+        attention_bias: jax.Array | FusedMask | None,
         *,
         deterministic: bool = True,
         decode: bool = False,
@@ -293,6 +335,14 @@ class MultiHeadAttention(nn.Module):
         if not decode:
             key = nn.with_logical_constraint(projection(name="key")(inputs_kv), ("batch", "length", "heads", "kv"))
             value = nn.with_logical_constraint(projection(name="value")(inputs_kv), ("batch", "length", "heads", "kv"))
+            if isinstance(attention_bias, FusedMask):
+                if not deterministic and self.dropout_rate > 0:
+                    raise ValueError(
+                        f"attention kernel {self.kernel!r} has no attention dropout; "
+                        "train with dropout_rate=0 or attention_kernel='einsum'"
+                    )
+                context = fused_attention(query, key, value, attention_bias, self.kernel)
+                return self._project_out(context, inputs_q.shape[-1])
             logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
             value_spec = "bkhd"
         else:
@@ -328,9 +378,14 @@ class MultiHeadAttention(nn.Module):
         if not deterministic and self.dropout_rate > 0:
             weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
         context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
+        return self._project_out(context, inputs_q.shape[-1])
+
+    @nn.nowrap
+    def _project_out(self, context: jax.Array, features: int) -> jax.Array:
+        """The ``out`` projection [batch, length, heads, d_kv] -> [batch, length, features] (in the caller's scope)."""
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
         out = DenseGeneral(
-            features=inputs_q.shape[-1],
+            features=features,
             axis=(-2, -1),
             kernel_axes=("heads", "kv", "embed"),
             use_bias=self.use_bias,

@@ -63,6 +63,7 @@ class TransformerConfig:
     param_dtype: str = "float32"  # parameters
     scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
     remat_policy: str = "none"  # none | minimal (save matmul outputs) | full (save nothing)
+    attention_kernel: str = "einsum"  # einsum (any mask, dropout) | xla | cudnn (GPU flash attention, bf16)
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -87,12 +88,20 @@ class TransformerConfig:
             "remat_policy": REMAT_POLICIES,
             "dtype": DTYPES,
             "param_dtype": DTYPES,
+            "attention_kernel": layers.ATTENTION_KERNELS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, f"is unknown; choose one of {', '.join(allowed)}")
         if not 0.0 <= self.dropout_rate < 1.0:
             fail("dropout_rate", "must be in [0, 1)")
+        if self.attention_kernel != "einsum" and self.dropout_rate > 0:
+            fail(
+                "attention_kernel",
+                f"has no attention dropout; set dropout_rate=0 (not {self.dropout_rate}) or use 'einsum'",
+            )
+        if self.attention_kernel == "cudnn" and self.dtype == "float32":
+            fail("attention_kernel", "(cuDNN flash attention) needs dtype='bfloat16' or 'float16'")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -149,7 +158,30 @@ def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
         use_bias=cfg.use_bias,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.parameter_dtype,
+        kernel=cfg.attention_kernel,
         name=name,
+    )
+
+
+def _fused_mask(
+    cfg: TransformerConfig,
+    query_valid: jax.Array,
+    key_valid: jax.Array,
+    segment_ids: jax.Array | None,
+    position_bias: jax.Array | None = None,
+    causal: bool = False,
+) -> layers.FusedMask:
+    """The mask of the fused attention kernels: right padding as lengths; packed batches are refused."""
+    if segment_ids is not None:
+        raise ValueError(
+            f"attention_kernel={cfg.attention_kernel!r} takes padded batches only, and this one is packed "
+            "(it has segment ids); use attention_kernel='einsum' or turn packing off"
+        )
+    return layers.FusedMask(
+        query_lengths=query_valid.sum(axis=-1, dtype=jnp.int32),
+        key_lengths=key_valid.sum(axis=-1, dtype=jnp.int32),
+        position_bias=position_bias,
+        causal=causal,
     )
 
 
@@ -362,9 +394,14 @@ class Encoder(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         valid = tokens > 0
-        bias = layers.attention_mask_bias(valid, valid, segment_ids, segment_ids)
+        position_bias = None
         if cfg.position_embedding == "relative":
-            bias = bias + _relpos_bias(cfg, bidirectional=True)(tokens.shape[1], tokens.shape[1])
+            position_bias = _relpos_bias(cfg, bidirectional=True)(tokens.shape[1], tokens.shape[1])
+        if cfg.attention_kernel != "einsum":
+            bias = _fused_mask(cfg, valid, valid, segment_ids, position_bias)
+        else:
+            bias = layers.attention_mask_bias(valid, valid, segment_ids, segment_ids)
+            bias = bias if position_bias is None else bias + position_bias
 
         for layer in _stack(cfg, EncoderLayer, cfg.num_encoder_layers, 2, static_argnums=(3,), decode=False):
             x = layer()(x, bias, deterministic)
@@ -424,14 +461,21 @@ class Decoder(nn.Module):
             decoder_valid = (
                 decoder_target_tokens > 0 if decoder_target_tokens is not None else jnp.ones((batch, length), bool)
             )
-            self_bias = layers.attention_mask_bias(
-                decoder_valid, decoder_valid, decoder_segment_ids, decoder_segment_ids, causal=True
-            )
-            cross_bias = layers.attention_mask_bias(
-                decoder_valid, encoder_valid, decoder_segment_ids, encoder_segment_ids
-            )
+            position_bias = None
             if cfg.position_embedding == "relative":
-                self_bias = self_bias + _relpos_bias(cfg, bidirectional=False)(length, length)
+                position_bias = _relpos_bias(cfg, bidirectional=False)(length, length)
+            if cfg.attention_kernel != "einsum" and not decode:
+                segments = decoder_segment_ids if decoder_segment_ids is not None else encoder_segment_ids
+                self_bias = _fused_mask(cfg, decoder_valid, decoder_valid, segments, position_bias, causal=True)
+                cross_bias = _fused_mask(cfg, decoder_valid, encoder_valid, segments)
+            else:
+                self_bias = layers.attention_mask_bias(
+                    decoder_valid, decoder_valid, decoder_segment_ids, decoder_segment_ids, causal=True
+                )
+                cross_bias = layers.attention_mask_bias(
+                    decoder_valid, encoder_valid, decoder_segment_ids, encoder_segment_ids
+                )
+                self_bias = self_bias if position_bias is None else self_bias + position_bias
 
         x = embed(decoder_input_tokens.astype(jnp.int32))
         if cfg.scale_embeddings:

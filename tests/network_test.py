@@ -320,3 +320,65 @@ def test_preset_parameter_counts_of_classic_models():
     big = network.count_params(get_model_config("transformer_big", vocab_size=37000))
     assert 60e6 < base < 66e6, base
     assert 205e6 < big < 215e6, big
+
+
+# ----------------------------------------------------------------------------------------------- attention kernels
+
+
+def _ragged_batch(seed):
+    """Rows of different real lengths, right-padded: the fused kernels see the padding as lengths."""
+    inputs, targets = _tokens((3, 9), seed), _tokens((3, 7), seed + 1)
+    for row, (input_len, target_len) in enumerate([(9, 7), (5, 4), (2, 1)]):
+        inputs[row, input_len:] = 0
+        targets[row, target_len:] = 0
+    return jnp.asarray(inputs), jnp.asarray(targets)
+
+
+@pytest.mark.parametrize(("family", "scan"), [("t5_v1_1", False), ("t5_v1_0", True)])
+def test_fused_attention_kernel_equals_einsum(family, scan):
+    """jax.nn.dot_product_attention (the "xla" kernel: the call that "cudnn" makes, with padding as lengths and the
+    relative-position bias alone as its bias) gives the einsum path's logits and gradients on every real token."""
+    cfg, params = _setup(dict(FAMILIES[family], scan_layers=scan))
+    inputs, targets = _ragged_batch(30)
+    weights = (targets > 0).astype(jnp.float32)[..., None]
+
+    def logits_and_grads(kernel):
+        model = Transformer(cfg.replace(attention_kernel=kernel))
+        logits = lambda p: model.apply({"params": p}, inputs, targets, targets)
+        loss = lambda p: jnp.sum(jax.nn.log_softmax(logits(p)) * weights) / weights.sum()
+        return jax.jit(lambda p: (logits(p) * weights, jax.grad(loss)(p)))(params)
+
+    (einsum_logits, einsum_grads), (fused_logits, fused_grads) = logits_and_grads("einsum"), logits_and_grads("xla")
+    np.testing.assert_allclose(fused_logits, einsum_logits, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), fused_grads, einsum_grads)
+    if family.startswith("t5"):  # the relative-position table gets its gradient through the kernel's bias
+        relpos = [g for path, g in traverse_util.flatten_dict(fused_grads).items() if "relpos_bias" in path]
+        assert relpos and all(np.abs(g).max() > 0 for g in relpos)
+
+
+def test_fused_attention_kernel_in_bfloat16_stays_close_to_einsum():
+    cfg, params = _setup(FAMILIES["t5_v1_1"])
+    inputs, targets = _ragged_batch(31)
+    outputs = {
+        kernel: _apply(cfg.replace(dtype="bfloat16", attention_kernel=kernel), params, inputs, targets, targets)
+        for kernel in ("einsum", "xla")
+    }
+    real = np.asarray(targets > 0)
+    np.testing.assert_allclose(outputs["xla"][real], outputs["einsum"][real], atol=0.1)
+
+
+def test_fused_attention_kernel_refuses_packed_batches():
+    cfg, params = _setup(dict(FAMILIES["t5_v1_1"], attention_kernel="xla"))
+    inputs, targets = _tokens((1, 6), 32), _tokens((1, 4), 33)
+    segments = np.array([[1, 1, 1, 2, 2, 2]]), np.array([[1, 1, 2, 2]])
+    with pytest.raises(ValueError, match="packed.*attention_kernel='einsum'"):
+        Transformer(cfg).apply({"params": params}, inputs, targets, targets, *segments)
+
+
+def test_fused_attention_kernel_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match=r"attention_kernel.*no attention dropout.*dropout_rate=0"):
+        TransformerConfig(**dict(SMALL, dropout_rate=0.1, attention_kernel="xla"))
+    with pytest.raises(ValueError, match=r"attention_kernel.*dtype='bfloat16'"):
+        TransformerConfig(**dict(SMALL, attention_kernel="cudnn"))
+    with pytest.raises(ValueError, match=r"attention_kernel.*choose one of einsum, xla, cudnn"):
+        TransformerConfig(**dict(SMALL, attention_kernel="flash"))

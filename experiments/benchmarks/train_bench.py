@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations (t5x_lite)")
     parser.add_argument("--remat", default="none", choices=["none", "minimal", "full"])
     parser.add_argument("--scan", action="store_true", help="scan_layers=True")
+    parser.add_argument(
+        "--attention_kernel", default="einsum", choices=["einsum", "xla", "cudnn"], help="t5x_lite; needs --dropout 0"
+    )
     parser.add_argument("--steps", type=int, default=5, help="steps per side per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip_hf", action="store_true", help="t5x_lite alone (e.g. on a GPU)")
@@ -74,7 +77,13 @@ class JaxSide:
     """t5x_lite's jit-compiled, state-donating train step on a 1-device mesh."""
 
     def __init__(self, args, batch):
-        overrides = dict(dropout_rate=args.dropout, dtype=args.dtype, remat_policy=args.remat, scan_layers=args.scan)
+        overrides = dict(
+            dropout_rate=args.dropout,
+            dtype=args.dtype,
+            remat_policy=args.remat,
+            scan_layers=args.scan,
+            attention_kernel=args.attention_kernel,
+        )
         self.cfg = get_model_config(args.model, **overrides)
         optimizer = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
         mesh, rules = partitioning.make_mesh((-1, 1, 1)), "data_parallel"
@@ -139,7 +148,10 @@ def main(argv=None) -> None:
     batch = make_batch(jax_side_cfg.vocab_size, args.batch, args.input_len, args.target_len)
     target_tokens, all_tokens = args.batch * args.target_len, args.batch * (args.input_len + args.target_len)
     print(f"{args.model}, batch {args.batch} x ({args.input_len} in, {args.target_len} out), dropout {args.dropout}, ")
-    print(f"  t5x_lite dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan}; device {jax.devices()[0]}")
+    print(
+        f"  t5x_lite dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan}, "
+        f"attention {args.attention_kernel}; device {jax.devices()[0]}"
+    )
     ours = JaxSide(args, batch)
     print(f"t5x_lite: compiled in {ours.compile_seconds:.1f} s")
     theirs = None
