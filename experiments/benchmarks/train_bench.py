@@ -9,12 +9,13 @@ are excluded and reported apart.
 
     python experiments/benchmarks/train_bench.py                    # CPU: fp32, t5_small, batch 8, 128/128
     python experiments/benchmarks/train_bench.py --quick            # tiny model, seconds: checks it runs
-    python experiments/benchmarks/train_bench.py --dtype bfloat16 --model t5_v1_1_base --batch 64 \\
-        --input_len 512 --target_len 114 --skip_hf                  # GPU: bf16 MFU of t5x_lite alone
+    python experiments/benchmarks/train_bench.py --dtype bfloat16 --model t5_v1_1_base --batch 128 \\
+        --input_len 512 --target_len 114 --dropout 0 --attention_kernel cudnn --skip_hf   # GPU: bf16 MFU alone
 
 Hardware: any; the CPU figures in NOTES.md are from the 2-core development machine. Time: about 4 minutes on 2
 CPU cores with the defaults. Result: the last line is ``ratio (t5x_lite / Hugging Face target tokens/s): X``
-(see experiments/benchmarks/NOTES.md for the measured figures and what changed them).
+(see experiments/benchmarks/NOTES.md for the measured figures and what changed them). For GPU sweeps over
+models, batches and attention kernels, ``gpu_bench.py`` (experiments/results/gpu.md has the figures).
 """
 
 from __future__ import annotations
