@@ -85,6 +85,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     task = TaskRegistry.get(config.task)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab)
+    if config.pack and model_cfg.attention_kernel != "einsum":
+        raise ValueError(
+            f"model attention_kernel={model_cfg.attention_kernel!r} takes padded batches only, and pack=True packs "
+            "them; set --config.pack=False or --config.model_overrides.attention_kernel=einsum"
+        )
     mesh, rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
     partitioning.validate(model_cfg, mesh, config.batch_size, rules)
     optimizer = optimizers.make_optimizer(config)

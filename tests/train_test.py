@@ -86,3 +86,12 @@ def test_init_from_a_converted_checkpoint(straight, tmp_path):
     config.model_overrides.d_model = 48
     with pytest.raises(ValueError, match=r"TransformerConfig\.d_model=48 does not match the checkpoint in"):
         train.train_and_evaluate(config, str(tmp_path / "mismatch"))
+
+
+def test_fused_attention_with_packing_is_refused_before_anything_runs(tmp_path):
+    config = _config(tmp_path, 1)
+    config.pack = True
+    config.model_overrides.update(dict(attention_kernel="xla", dropout_rate=0.0))
+    with pytest.raises(ValueError, match=r"attention_kernel='xla' takes padded batches only.*pack=False"):
+        train.train_and_evaluate(config, str(tmp_path / "packed"))
+    assert not (tmp_path / "packed" / "config.json").exists()
