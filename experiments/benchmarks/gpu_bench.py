@@ -92,15 +92,19 @@ def measure(run: dict, args: argparse.Namespace) -> dict:
     )
     cfg = train_bench.get_model_config(run["model"])
     batch = train_bench.make_batch(cfg.vocab_size, run["batch"], args.input_len, args.target_len)
+    start = time.perf_counter()
     side = train_bench.JaxSide(bench_args, batch)
-    side.run(1)
+    setup_seconds = time.perf_counter() - start - side.compile_seconds  # state initialization, mesh, batch
+    first_step_seconds = side.run(1)
     times = [side.run(args.steps) for _ in range(args.rounds)]
     seconds = statistics.median(times)
     peak, peak_source = flops.peak_flops_per_device()
     step_flops = flops.train_flops(side.cfg, run["batch"], args.input_len, args.target_len)
     record = dict(
         run,
+        setup_s=round(setup_seconds, 1),
         compile_s=round(side.compile_seconds, 1),
+        first_step_s=round(first_step_seconds, 2),
         step_ms=round(seconds * 1e3, 2),
         step_ms_rounds=[round(t * 1e3, 2) for t in times],
         target_tokens_per_s=round(run["batch"] * args.target_len / seconds),
