@@ -142,7 +142,9 @@ def load_workdir(
         raise FileNotFoundError(f"{config_path} is missing: --workdir must be a t5x_lite.train workdir")
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
-    model_cfg = TransformerConfig.from_dict(saved["model"])
+    # The attention kernel is a speed choice of the machine that trained (cuDNN needs an NVIDIA GPU), not part of
+    # the model: evaluation and inference run the einsum path, which every backend has.
+    model_cfg = TransformerConfig.from_dict(saved["model"]).replace(attention_kernel="einsum")
     vocab = Vocabulary.load(os.path.join(workdir, "vocab"))
     task = TaskRegistry.get(task or saved["config"]["task"])
     if checkpoint_step is not None and average_last:

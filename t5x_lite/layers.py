@@ -255,7 +255,9 @@ class FusedMask:
     """The mask of ``jax.nn.dot_product_attention``: right padding as lengths, a causal flag, and the position bias.
 
     cuDNN differentiates an attention bias only when its batch dimension is 1, so padding travels as lengths
-    ([batch] int32) and only the shared relative-position bias ([1, heads, q, k]) as a bias.
+    ([batch] int32) and only the shared relative-position bias ([1, heads, q, k]) as a bias. Lengths describe
+    right padding only: a row must hold its real tokens first and padding (id 0) after them, as the pipelines
+    make it.
     """
 
     query_lengths: jax.Array
@@ -269,7 +271,7 @@ def fused_attention(
 ) -> jax.Array:
     """softmax(query.key + position_bias).value over [batch, length, heads, d_kv] inputs, unscaled like T5."""
     bias = mask.position_bias
-    if bias is not None:
+    if bias is not None and implementation == "cudnn":
         bias = bias.astype(query.dtype)  # cuDNN needs the bias in the inputs' dtype (NaN gradients in float32)
     return jax.nn.dot_product_attention(
         query,

@@ -102,6 +102,10 @@ class TransformerConfig:
             )
         if self.attention_kernel == "cudnn" and self.dtype == "float32":
             fail("attention_kernel", "(cuDNN flash attention) needs dtype='bfloat16' or 'float16'")
+        if self.attention_kernel == "cudnn" and (self.head_dim % 8 or self.head_dim > 256):
+            fail(
+                "attention_kernel", f"(cuDNN flash attention) needs d_kv a multiple of 8 up to 256, not {self.head_dim}"
+            )
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -177,9 +181,20 @@ def _fused_mask(
             f"attention_kernel={cfg.attention_kernel!r} takes padded batches only, and this one is packed "
             "(it has segment ids); use attention_kernel='einsum' or turn packing off"
         )
+    if (
+        cfg.attention_kernel == "cudnn"
+        and position_bias is not None
+        and (query_valid.shape[1] % 2 or key_valid.shape[1] % 2)
+    ):
+        raise ValueError(
+            f"attention_kernel='cudnn' with a relative-position bias needs even lengths, not {query_valid.shape[1]} "
+            f"queries x {key_valid.shape[1]} keys; pad the batch to an even length or use attention_kernel='einsum'"
+        )
+    # An all-padding row (the pipelines fill a last partial batch with them) gets length 1, not 0: cuDNN is reported
+    # to return NaN for empty rows, and such a row has no real position that its value could reach.
     return layers.FusedMask(
-        query_lengths=query_valid.sum(axis=-1, dtype=jnp.int32),
-        key_lengths=key_valid.sum(axis=-1, dtype=jnp.int32),
+        query_lengths=jnp.maximum(query_valid.sum(axis=-1, dtype=jnp.int32), 1),
+        key_lengths=jnp.maximum(key_valid.sum(axis=-1, dtype=jnp.int32), 1),
         position_bias=position_bias,
         causal=causal,
     )
@@ -591,13 +606,19 @@ def _dummy_inputs(batch: int = 1, input_length: int = 8, target_length: int = 8)
     return jnp.ones((batch, input_length), jnp.int32), jnp.ones((batch, target_length), jnp.int32)
 
 
+def init_variables(cfg: TransformerConfig, rng: jax.Array, encoder_tokens: jax.Array, decoder_tokens: jax.Array):
+    """``Transformer(cfg).init`` on dummy tokens. The parameters do not depend on the attention kernel, so the init
+    traces the einsum path: shapes and initial values then come out on any backend, a cuDNN config's on a CPU too."""
+    return Transformer(cfg.replace(attention_kernel="einsum")).init(rng, encoder_tokens, decoder_tokens)
+
+
 def init_params(cfg: TransformerConfig, rng: jax.Array, input_length: int = 8, target_length: int = 8) -> Any:
     """Initialized parameters (plain arrays, logical-axis boxes removed)."""
     encoder_tokens, decoder_tokens = _dummy_inputs(1, input_length, target_length)
 
     @jax.jit
     def init(rng):
-        return nn.meta.unbox(Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)["params"])
+        return nn.meta.unbox(init_variables(cfg, rng, encoder_tokens, decoder_tokens)["params"])
 
     return init(rng)
 
@@ -605,7 +626,7 @@ def init_params(cfg: TransformerConfig, rng: jax.Array, input_length: int = 8, t
 def abstract_params(cfg: TransformerConfig) -> Any:
     """Shapes and dtypes of the parameters, as boxed ``ShapeDtypeStruct``s, computed without materializing."""
     encoder_tokens, decoder_tokens = _dummy_inputs()
-    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), encoder_tokens, decoder_tokens))["params"]
+    return jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0), encoder_tokens, decoder_tokens))["params"]
 
 
 def param_logical_axes(cfg: TransformerConfig) -> Any:

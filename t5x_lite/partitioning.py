@@ -160,7 +160,7 @@ def init_params_sharded(
     decoder_tokens = jnp.ones((batch, target_length), jnp.int32)
 
     def init(rng: jax.Array) -> Any:
-        variables = network.Transformer(cfg).init(rng, encoder_tokens, decoder_tokens)
+        variables = network.init_variables(cfg, rng, encoder_tokens, decoder_tokens)
         return nn.meta.unbox(variables["params"])
 
     with activate(mesh, rules):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -212,3 +213,17 @@ def test_decode_settings_refuse_contradictions():
     with pytest.raises(ValueError, match="beam_size=0"):
         models.DecodeSettings(beam_size=0)
     assert models.DecodeSettings(temperature=0.7).method == "sample"
+
+
+def test_a_workdir_trained_with_cudnn_attention_evaluates_anywhere(trained, tmp_path):
+    """The attention kernel is the training machine's speed choice: loading a workdir gives the einsum path."""
+    workdir, _ = trained
+    copy = str(tmp_path / "cudnn_run")
+    shutil.copytree(workdir, copy)
+    with open(f"{copy}/config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    saved["model"].update(attention_kernel="cudnn", dtype="bfloat16", dropout_rate=0.0)
+    with open(f"{copy}/config.json", "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    loaded = evaluation.load_workdir(copy, task="synthetic_numbers")
+    assert loaded.model_cfg.attention_kernel == "einsum" and loaded.model_cfg.dtype == "bfloat16"

@@ -326,9 +326,10 @@ def test_preset_parameter_counts_of_classic_models():
 
 
 def _ragged_batch(seed):
-    """Rows of different real lengths, right-padded: the fused kernels see the padding as lengths."""
-    inputs, targets = _tokens((3, 9), seed), _tokens((3, 7), seed + 1)
-    for row, (input_len, target_len) in enumerate([(9, 7), (5, 4), (2, 1)]):
+    """Rows of different real lengths, right-padded, and one all-padding row (as fills a last eval batch): the fused
+    kernels see the padding as lengths."""
+    inputs, targets = _tokens((4, 9), seed), _tokens((4, 7), seed + 1)
+    for row, (input_len, target_len) in enumerate([(9, 7), (5, 4), (2, 1), (0, 0)]):
         inputs[row, input_len:] = 0
         targets[row, target_len:] = 0
     return jnp.asarray(inputs), jnp.asarray(targets)
@@ -350,6 +351,7 @@ def test_fused_attention_kernel_equals_einsum(family, scan):
 
     (einsum_logits, einsum_grads), (fused_logits, fused_grads) = logits_and_grads("einsum"), logits_and_grads("xla")
     np.testing.assert_allclose(fused_logits, einsum_logits, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(fused_logits).all()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), fused_grads, einsum_grads)
     if family.startswith("t5"):  # the relative-position table gets its gradient through the kernel's bias
         relpos = [g for path, g in traverse_util.flatten_dict(fused_grads).items() if "relpos_bias" in path]
@@ -382,3 +384,13 @@ def test_fused_attention_kernel_config_errors_say_what_to_change():
         TransformerConfig(**dict(SMALL, attention_kernel="cudnn"))
     with pytest.raises(ValueError, match=r"attention_kernel.*choose one of einsum, xla, cudnn"):
         TransformerConfig(**dict(SMALL, attention_kernel="flash"))
+    with pytest.raises(ValueError, match=r"attention_kernel.*d_kv a multiple of 8 up to 256, not 5"):
+        TransformerConfig(**dict(FAMILIES["t5_v1_1"], dtype="bfloat16", attention_kernel="cudnn"))
+
+
+def test_cudnn_kernel_refuses_odd_lengths_with_a_position_bias():
+    """cuDNN trains a biased attention on even lengths only; the error comes before any kernel is asked for."""
+    cfg, params = _setup(dict(FAMILIES["t5_v1_0"], d_kv=8, dtype="bfloat16", attention_kernel="cudnn"))
+    inputs, targets = _tokens((2, 7), 34), _tokens((2, 4), 35)
+    with pytest.raises(ValueError, match=r"needs even lengths, not 7 queries x 7 keys; pad the batch"):
+        Transformer(cfg).apply({"params": params}, inputs, targets, targets)
