@@ -10,10 +10,12 @@ time of ``--steps`` steps after one untimed step. All runs share one process, so
     python experiments/benchmarks/gpu_bench.py --output experiments/results/gpu_runs.json \\
         --runs t5_v1_1_small:128:einsum,t5_v1_1_base:128:cudnn
 
-A run is ``model:batch:attention_kernel[:remat]``. Hardware: one GPU (or TPU); on a CPU only ``--quick`` is
-sensible. Time: about 30 to 60 s a run on an H100-class GPU, mostly compilation. Result: one line per run and a
-Markdown table (step time, target and all tokens/s, MFU against the device's dense bf16 peak, memory);
-experiments/results/gpu.md records the measured table.
+A run is ``model:batch:attention_kernel[:remat]``. First, each fused kernel in the list is compared with the einsum
+path on a small model over ragged rows (logits and gradients; the timed runs use full-length rows).
+
+Hardware: one GPU (or TPU); on a CPU only ``--quick`` is sensible. Time: about 2 minutes a run on an H200, of which
+compilation is 22 to 34 s. Result: one line per run and a Markdown table (step time, target and all tokens/s, MFU
+against the device's dense bf16 peak, memory); experiments/results/gpu.md records the measured table.
 """
 
 from __future__ import annotations
@@ -121,6 +123,46 @@ def measure(run: dict, args: argparse.Namespace) -> dict:
     return record
 
 
+def ragged_check(kernel: str, dtype: str) -> dict:
+    """Logits and gradients of ``kernel`` against the einsum path on a small T5 v1.1 over ragged, right-padded rows
+    (one of them all padding): the case the timed runs, on full-length rows, never exercise."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from t5x_lite import network
+
+    cfg = network.TransformerConfig(
+        vocab_size=128, d_model=64, num_heads=4, d_kv=16, d_ff=96, num_encoder_layers=2, num_decoder_layers=2,
+        mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, dropout_rate=0.0, dtype=dtype,
+    )  # fmt: skip
+    params = network.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.integers(2, 128, (4, 16)), rng.integers(2, 128, (4, 8))
+    for row, (input_len, target_len) in enumerate([(16, 8), (9, 5), (2, 2), (0, 0)]):
+        inputs[row, input_len:], targets[row, target_len:] = 0, 0
+    inputs, targets = jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32)
+    weights = (targets > 0).astype(jnp.float32)[..., None]
+
+    def run(kernel_name):
+        model = network.Transformer(cfg.replace(attention_kernel=kernel_name))
+        logits = lambda p: model.apply({"params": p}, inputs, targets, targets)
+        loss = lambda p: jnp.sum(jax.nn.log_softmax(logits(p)) * weights) / weights.sum()
+        return jax.jit(lambda p: (logits(p) * weights, jax.grad(loss)(p)))(params)
+
+    (ref_logits, ref_grads), (logits, grads) = run("einsum"), run(kernel)
+    pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True)
+    grad_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+    grad_scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref_grads))
+    return dict(
+        check=f"ragged rows, {kernel} vs einsum, {dtype}",
+        finite=bool(jnp.isfinite(logits).all()) and all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads)),
+        max_logit_diff=round(float(jnp.max(jnp.abs(logits - ref_logits))), 5),
+        max_logit=round(float(jnp.max(jnp.abs(ref_logits))), 3),
+        max_grad_diff=round(grad_diff, 6),
+        max_grad=round(grad_scale, 5),
+    )
+
+
 def table(records: list[dict]) -> str:
     lines = [
         "| model | batch | attention | remat | step ms | target tok/s | all tok/s | seq/s | MFU | GiB | compile s |",
@@ -144,6 +186,11 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {args.dtype}, dropout 0, ", end="")
     print(f"{args.input_len} input / {args.target_len} target tokens; {args.rounds} rounds x {args.steps} steps")
+    for kernel in sorted({run["kernel"] for run in runs} - {"einsum"}):
+        try:
+            print(json.dumps(ragged_check(kernel, args.dtype)), flush=True)
+        except Exception as error:  # noqa: BLE001 - the timed runs still tell something
+            print(json.dumps(dict(check=f"ragged rows, {kernel}", error=" ".join(str(error).split())[:300])))
     start, records = time.perf_counter(), []
     for run in runs:
         if time.perf_counter() - start > args.budget_s:
