@@ -34,8 +34,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import mesh_utils  # noqa: E402
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from configs.common import get_model_config  # noqa: E402
 from t5x_lite import flops, network, optimizers, partitioning, trainer  # noqa: E402
@@ -310,31 +309,6 @@ def _resolve_mesh_shape(mesh_shape: Sequence[int], count: int) -> tuple[int, int
     return shape  # partitioning.make_mesh reports a shape that does not fill the devices
 
 
-def build_mesh(mesh_shape: Sequence[int], devices: Sequence[Any], num_slices: int) -> Mesh:
-    """One slice: ``partitioning.make_mesh`` over the topology's devices (as train.py). Several slices: the slices
-    join along ``data`` over the data-center network (``create_hybrid_device_mesh``); a mesh without a data axis
-    of a multiple of num_slices takes it from ``fsdp`` (``(1, -1, 1)`` on 2 slices of 256 -> ``(2, 256, 1)``)."""
-    if num_slices == 1:
-        return partitioning.make_mesh(mesh_shape, devices)
-    shape = _resolve_mesh_shape(mesh_shape, len(devices))
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh_shape={tuple(mesh_shape)} does not fill the {len(devices)} devices of the slices")
-    data, fsdp, model = shape
-    if data % num_slices:
-        if data == 1 and fsdp % num_slices == 0:
-            data, fsdp = num_slices, fsdp // num_slices
-        else:
-            raise ValueError(
-                f"mesh_shape={shape} on {num_slices} slices: the data axis ({data}) must be a multiple of the number "
-                f"of slices (slices are joined along 'data'); use e.g. mesh_shape=({num_slices}, -1, {model})"
-            )
-    ici = (data // num_slices, fsdp, model)
-    device_array = mesh_utils.create_hybrid_device_mesh(
-        ici, (num_slices, 1, 1), devices, allow_split_physical_axes=True
-    )
-    return Mesh(device_array, partitioning.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
 def _bytes_on_one_device(tree: Any) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -422,7 +396,7 @@ def plan(config: Any, topology: str | Topology, num_slices: int | None = None) -
     devices = topology_devices(topo)
     model_cfg = model_config(config)
     rules = config.partitioning
-    mesh = build_mesh(tuple(config.mesh_shape), devices, topo.num_slices)
+    mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices)  # as train.py; slices join along data
     partitioning.validate(model_cfg, mesh, config.batch_size, rules)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = config.num_microbatches

@@ -94,6 +94,9 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | N
 
     One entry may be -1: it takes the devices the others leave. The axes are ``AxisType.Auto``, so XLA
     propagates shardings from the parameters and the logical constraints (jax 0.10 defaults to Explicit).
+    TPU devices of several slices (multi-slice) join along ``data`` over the data-center network, so that fsdp
+    and model collectives stay inside a slice; a shape whose data axis is 1 takes it from ``fsdp``
+    (``(1, -1, 1)`` on 2 slices of 256 chips -> ``(2, 256, 1)``).
     """
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
@@ -116,9 +119,28 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | N
             f"mesh_shape={shape} needs {known} devices but there are {count}; use sizes whose product is "
             f"{count}, or -1 for one axis (e.g. (-1, 1, 1))"
         )
-    # allow_split_physical_axes: non-square meshes on TPU slices (a no-op elsewhere).
-    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    num_slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if num_slices > 1 and devices[0].platform == "tpu":
+        device_array = _multi_slice_device_array(shape, devices, num_slices)
+    else:  # allow_split_physical_axes: non-square meshes on TPU slices (a no-op elsewhere).
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _multi_slice_device_array(shape: tuple[int, ...], devices: Sequence[Any], num_slices: int) -> np.ndarray:
+    data, fsdp, model = shape
+    if data % num_slices:
+        if data == 1 and fsdp % num_slices == 0:
+            data, fsdp = num_slices, fsdp // num_slices
+        else:
+            raise ValueError(
+                f"mesh_shape={shape} on {num_slices} slices: the data axis ({data}) must be a multiple of the number "
+                f"of slices (slices are joined along 'data'); use e.g. mesh_shape=({num_slices}, -1, {model})"
+            )
+    within_slice = (data // num_slices, fsdp, model)
+    return mesh_utils.create_hybrid_device_mesh(
+        within_slice, (num_slices, 1, 1), devices, allow_split_physical_axes=True
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

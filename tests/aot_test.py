@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from t5x_lite import aot
+from t5x_lite import aot, partitioning
 from tests import tiny_config
 from tests.conftest import REPO_ROOT, cpu_subprocess_env
 
@@ -155,10 +155,10 @@ def test_a_plan_that_does_not_fit_says_so_with_how_much_over():
 def test_slices_join_along_data():
     devices = aot.topology_devices(aot.parse_topology("2xv5e-4"))
     assert len(devices) == 8
-    mesh = aot.build_mesh((1, -1, 1), devices, num_slices=2)  # no data axis: it takes the slices from fsdp
+    mesh = partitioning.make_mesh((1, -1, 1), devices)  # no data axis: it takes the slices from fsdp
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
     for row in range(2):  # each data-parallel replica lives in one slice; fsdp never crosses the network
         assert len({device.slice_index for device in mesh.devices[row].flat}) == 1
-    assert dict(aot.build_mesh((1, 4, 2), devices, num_slices=2).shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert dict(partitioning.make_mesh((1, 4, 2), devices).shape) == {"data": 2, "fsdp": 2, "model": 2}
     with pytest.raises(ValueError, match=r"the data axis \(1\) must be a multiple of the number of slices"):
-        aot.build_mesh((1, 1, 8), devices, num_slices=2)
+        partitioning.make_mesh((1, 1, 8), devices)
