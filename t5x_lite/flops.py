@@ -24,6 +24,8 @@ PEAK_FLOPS = {
     "tpu v5e": 197e12,
     "tpu v5p": 459e12,
     "tpu v5": 459e12,
+    "tpu v6e": 918e12,
+    "tpu v6 lite": 918e12,
 }
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from t5x_lite import aot, partitioning
+from t5x_lite import aot, partitioning, tpu_topology
 from tests import tiny_config
 from tests.conftest import REPO_ROOT, cpu_subprocess_env
 
@@ -21,58 +21,58 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, re
 
 
 def test_v4_and_v5p_names_count_tensorcores():
-    topo = aot.parse_topology("v4-256")
+    topo = tpu_topology.parse_topology("v4-256")
     assert (topo.generation, topo.chips, topo.topology, topo.chip_config_name) == ("v4", 128, "v4:4x4x8", "megacore")
-    assert topo.wrap == (True, True, True) and topo.hbm_bytes == 32 * aot.GiB
-    small = aot.parse_topology("v5p-8")
+    assert topo.wrap == (True, True, True) and topo.hbm_bytes == 32 * tpu_topology.GiB
+    small = tpu_topology.parse_topology("v5p-8")
     assert (small.chips, small.topology, small.chip_config_name, small.wrap) == (
         4,
         "v5p:2x2x1",
         "megacore",
         (False, False, False),
     )
-    assert aot.parse_topology("v4-8").topology == "v4:2x2x1"
-    assert aot.parse_topology("v4-128").chips == 64
-    assert aot.parse_topology("v5p-256").hbm_bytes == 95 * aot.GiB
+    assert tpu_topology.parse_topology("v4-8").topology == "v4:2x2x1"
+    assert tpu_topology.parse_topology("v4-128").chips == 64
+    assert tpu_topology.parse_topology("v5p-256").hbm_bytes == 95 * tpu_topology.GiB
 
 
 def test_v5e_names_count_chips():
-    topo = aot.parse_topology("v5e-256")
+    topo = tpu_topology.parse_topology("v5e-256")
     assert (topo.chips, topo.topology, topo.chip_config_name, topo.wrap) == (
         256,
         "v5e:16x16",
         "default",
         (True, True, False),
     )
-    assert aot.parse_topology("v5e-8").topology == "v5e:2x4"
-    assert aot.parse_topology("v5litepod-16").topology == "v5e:4x4"
-    assert aot.parse_topology("v5e-128").wrap == (False, True, False)
-    assert aot.parse_topology("v5e-256").hbm_bytes == 16 * aot.GiB
+    assert tpu_topology.parse_topology("v5e-8").topology == "v5e:2x4"
+    assert tpu_topology.parse_topology("v5litepod-16").topology == "v5e:4x4"
+    assert tpu_topology.parse_topology("v5e-128").wrap == (False, True, False)
+    assert tpu_topology.parse_topology("v5e-256").hbm_bytes == 16 * tpu_topology.GiB
 
 
 def test_libtpu_form_and_slices():
-    topo = aot.parse_topology("v5e:2x2")
+    topo = tpu_topology.parse_topology("v5e:2x2")
     assert (topo.chips, topo.topology, topo.num_slices, topo.num_devices) == (4, "v5e:2x2", 1, 4)
-    assert aot.parse_topology("v5:4x4x8").topology == "v5p:4x4x8"  # libtpu's older name of v5p
-    two = aot.parse_topology("2xv5e-256")
+    assert tpu_topology.parse_topology("v5:4x4x8").topology == "v5p:4x4x8"  # libtpu's older name of v5p
+    two = tpu_topology.parse_topology("2xv5e-256")
     assert (two.chips, two.num_slices, two.num_devices) == (256, 2, 512)
-    assert aot.parse_topology("v5p-256", num_slices=4).num_devices == 512
-    assert aot.parse_topology("2xv5p-256", num_slices=2).num_slices == 2
+    assert tpu_topology.parse_topology("v5p-256", num_slices=4).num_devices == 512
+    assert tpu_topology.parse_topology("2xv5p-256", num_slices=2).num_slices == 2
     with pytest.raises(ValueError, match="says 2 slices but --num_slices=3"):
-        aot.parse_topology("2xv5p-256", num_slices=3)
+        tpu_topology.parse_topology("2xv5p-256", num_slices=3)
 
 
 @pytest.mark.parametrize("name", ["v3-8", "v4-7", "v4-6", "v5e-512", "v5e-12", "tpu", "v4:4x4", "v5e:16x16x1", "v5e-x"])
 def test_bad_names_name_the_accepted_forms(name):
     with pytest.raises(ValueError, match=r"unknown TPU topology .*accepted forms: v4-N and v5p-N"):
-        aot.parse_topology(name)
+        tpu_topology.parse_topology(name)
 
 
 def test_missing_libtpu_is_one_line_with_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(RuntimeError, match=r"libtpu is not installed.*pip install '\.\[tpu\]'"):
-        aot.topology_devices(aot.parse_topology("v5e-4"))
+        tpu_topology.topology_devices(tpu_topology.parse_topology("v5e-4"))
 
 
 def test_out_of_memory_messages_are_parsed():
@@ -84,14 +84,14 @@ def test_out_of_memory_messages_are_parsed():
         "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
         "Used 40.5G of 15.75G hbm. Exceeded hbm capacity by 24.75G."
     )
-    assert aot._out_of_memory(RuntimeError(new)) == (int(20.02 * aot.GiB), int(15.75 * aot.GiB))
-    assert aot._out_of_memory(RuntimeError(old)) == (int(40.5 * aot.GiB), int(15.75 * aot.GiB))
+    assert aot._out_of_memory(RuntimeError(new)) == (int(20.02 * tpu_topology.GiB), int(15.75 * tpu_topology.GiB))
+    assert aot._out_of_memory(RuntimeError(old)) == (int(40.5 * tpu_topology.GiB), int(15.75 * tpu_topology.GiB))
     assert aot._out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None
 
 
 def test_fixes_keep_the_global_batch():
     config = tiny_config.get_config("batch_size=32")  # data_parallel, mesh (-1, 1, 1)
-    found = aot.fixes(config, aot.parse_topology("v5e-4"))
+    found = aot.fixes(config, tpu_topology.parse_topology("v5e-4"))
     assert [fix.description.split(" ")[0] for fix in found] == [
         "remat_policy='full'",
         "partitioning='fsdp',",
@@ -145,15 +145,15 @@ def test_a_plan_that_does_not_fit_says_so_with_how_much_over():
     # A 2M-row vocabulary: the logits alone are 256 rows x 32 x 2M x 4 bytes = 64 GiB per chip.
     config.model_overrides.vocab_size = 2**21
     plan = aot.plan(config, "v5e-4")
-    assert not plan.fits and plan.over_bytes > 0 and plan.total_bytes > 16 * aot.GiB
-    assert plan.xla_hbm_bytes and plan.xla_hbm_bytes <= 16 * aot.GiB
+    assert not plan.fits and plan.over_bytes > 0 and plan.total_bytes > 16 * tpu_topology.GiB
+    assert plan.xla_hbm_bytes and plan.xla_hbm_bytes <= 16 * tpu_topology.GiB
     assert plan.argument_bytes is None and plan.state_bytes > 0
     assert "DOES NOT FIT" in aot.format_plan(plan)
 
 
 @needs_libtpu
 def test_slices_join_along_data():
-    devices = aot.topology_devices(aot.parse_topology("2xv5e-4"))
+    devices = tpu_topology.topology_devices(tpu_topology.parse_topology("2xv5e-4"))
     assert len(devices) == 8
     mesh = partitioning.make_mesh((1, -1, 1), devices)  # no data axis: it takes the slices from fsdp
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
