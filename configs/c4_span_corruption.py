@@ -8,7 +8,7 @@ Hardware:  a TPU pod slice (v4-128 ... v5p-256, v5e-256): see docs/scaling.md ("
            for which sizes fit which slice with which remat / partitioning. Not trainable on this 2-core CPU machine.
 Time:      training: not measured (no TPU here). The plan's "100% MFU" line gives the floor per step (xxl: 0.729 s
            on v5p-256, 0.849 s on v5e-256); the T5 paper's final models took 2^11 x 512 tokens x ~1M steps (~1T
-           tokens). The aot command on 2 shared CPU cores: 6-14 min for a plan that fits, 10-25 s for one that doesn't.
+           tokens). The aot command on 2 shared CPU cores: 2-14 min for a plan that fits, 10-25 s for one that doesn't.
 Result:    not measured here. C4 comes from the TFDS catalog (`c4/en`, prepared with internet access and Apache
            Beam, hundreds of GB), which this machine lacks; the aot command needs no data. Point the task's vocab_path
            at T5's SentencePiece model (32,000 pieces + 100 sentinels = 32,128 rows, as the presets assume) for
