@@ -22,7 +22,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax  # noqa: E402
@@ -109,14 +108,6 @@ def task_lengths(config: Any) -> tuple[int, int]:
     task = TaskRegistry.get(config.task)
     lengths = task.tasks()[0].lengths if hasattr(task, "tasks") else task.lengths
     return int(lengths["inputs"]), int(lengths["targets"])
-
-
-def _resolve_mesh_shape(mesh_shape: Sequence[int], count: int) -> tuple[int, int, int]:
-    shape = tuple(int(n) for n in mesh_shape)
-    if -1 in shape:
-        known = math.prod(n for n in shape if n != -1)
-        shape = tuple(count // known if n == -1 else n for n in shape)
-    return shape  # partitioning.make_mesh reports a shape that does not fill the devices
 
 
 def _bytes_on_one_device(tree: Any) -> int:
@@ -321,7 +312,7 @@ def fixes(config: Any, topology: Topology) -> list[Fix]:
     if model_cfg.remat_policy != "full":
         changes["model_overrides.remat_policy"] = "full"
         out.append(Fix("remat_policy='full'", dict(changes)))
-    shape = _resolve_mesh_shape(config.mesh_shape, topology.num_devices)
+    shape = partitioning.resolve_mesh_shape(config.mesh_shape, topology.num_devices)
     rules = config.partitioning
     data_axis = topology.num_slices  # keep one data-parallel replica per slice
     if rules == "data_parallel" or shape[0] > data_axis:
@@ -330,7 +321,7 @@ def fixes(config: Any, topology: Topology) -> list[Fix]:
         new_shape = (data_axis, -1, model)
         changes.update({"partitioning": new_rules, "mesh_shape": new_shape})
         out.append(Fix(f"partitioning={new_rules!r}, mesh_shape={new_shape} (state over every chip)", dict(changes)))
-        shape = _resolve_mesh_shape(new_shape, topology.num_devices)
+        shape = partitioning.resolve_mesh_shape(new_shape, topology.num_devices)
     rows = shape[0] * shape[1]
     micro = config.num_microbatches
     while config.batch_size % (micro * 2) == 0 and (config.batch_size // (micro * 2)) % rows == 0:

@@ -99,7 +99,17 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | N
     (``(1, -1, 1)`` on 2 slices of 256 chips -> ``(2, 256, 1)``).
     """
     devices = list(jax.devices() if devices is None else devices)
-    count = len(devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+    num_slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if num_slices > 1 and devices[0].platform == "tpu":
+        device_array = _multi_slice_device_array(shape, devices, num_slices)
+    else:  # allow_split_physical_axes: non-square meshes on TPU slices (a no-op elsewhere).
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], count: int) -> tuple[int, ...]:
+    """``mesh_shape`` with its -1 filled in for ``count`` devices; a ValueError says what does not fit."""
     shape = tuple(int(n) for n in mesh_shape)
     if len(shape) != len(MESH_AXES) or any(n == 0 or n < -1 for n in shape) or shape.count(-1) > 1:
         raise ValueError(
@@ -119,12 +129,7 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | N
             f"mesh_shape={shape} needs {known} devices but there are {count}; use sizes whose product is "
             f"{count}, or -1 for one axis (e.g. (-1, 1, 1))"
         )
-    num_slices = len({getattr(device, "slice_index", 0) for device in devices})
-    if num_slices > 1 and devices[0].platform == "tpu":
-        device_array = _multi_slice_device_array(shape, devices, num_slices)
-    else:  # allow_split_physical_axes: non-square meshes on TPU slices (a no-op elsewhere).
-        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return shape
 
 
 def _multi_slice_device_array(shape: tuple[int, ...], devices: Sequence[Any], num_slices: int) -> np.ndarray:
