@@ -102,7 +102,8 @@ def measure(run: dict, args: argparse.Namespace) -> dict:
     seconds = statistics.median(times)
     peak, peak_source = flops.peak_flops_per_device()
     step_flops = flops.train_flops(side.cfg, run["batch"], args.input_len, args.target_len)
-    record = dict(
+    used = device_bytes(side.compiled)
+    return dict(
         run,
         setup_s=round(setup_seconds, 1),
         compile_s=round(side.compile_seconds, 1),
@@ -115,12 +116,9 @@ def measure(run: dict, args: argparse.Namespace) -> dict:
         mfu=round(step_flops / seconds / peak, 4),
         model_tflops_per_s=round(step_flops / seconds / 1e12, 1),
         peak_source=peak_source,
-        device_gib=None,
+        device_gib=None if used is None else round(used / 2**30, 2),
         loss=round(side.loss, 4),
     )
-    used = device_bytes(side.compiled)
-    record["device_gib"] = None if used is None else round(used / 2**30, 2)
-    return record
 
 
 def ragged_check(kernel: str, dtype: str) -> dict:
