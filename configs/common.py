@@ -36,6 +36,9 @@ _CLASSIC = dict(
     share_embeddings=True,
     tie_word_embeddings=True,
     rescale_logits=False,
+    # fairseq's `transformer` (and Vaswani et al.'s P_drop): dropout on embeddings and sublayer outputs only.
+    attention_dropout_rate=0.0,
+    activation_dropout_rate=0.0,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +105,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
     config.pack = True
     config.prefetch_batches = 2  # batches prepared ahead on a background thread
+    # batch_tokens > 0: length-bucketed batches of at most that many padded tokens (fairseq's --max-tokens)
+    # instead of batch_size rows of the task's full length; needs pack=False and a seq2seq task.
+    config.batch_tokens = 0
+    config.bucket_boundaries = ()  # padded lengths of the buckets; empty: bucketing.default_boundaries
+    config.bucket_row_multiple = 8  # rows of every bucketed batch are a multiple of this (and of the batch shards)
 
     config.model = "t5_tiny"
     config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})
@@ -121,6 +129,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 1.0
     config.label_smoothing = 0.0
     config.z_loss = 0.0
+    config.loss_chunk_tokens = 0  # > 0: output projection + loss fused, this many tokens at a time (no logits held)
 
     config.mesh_shape = (-1, 1, 1)
     config.partitioning = "data_parallel"
@@ -135,6 +144,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.keep_best_checkpoints = 0  # ... plus the best K by best_metric (saved at eval steps)
     config.best_metric = "eval/loss"
     config.best_mode = "min"
+    config.early_stopping_patience = 0  # stop after this many evals without a better best_metric; 0: never
     config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
     config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step

@@ -102,7 +102,9 @@ def evaluate_split(
         result["accuracy"] = 100.0 * sums["correct"] / max(sums["weight_sum"], 1.0)
     signatures: dict[str, str] = {}
     if decode and task.metrics:
-        report = metrics.compute_metrics(task.metrics, predictions, records, target_lang=target_language(task))
+        report = metrics.compute_metrics(
+            task.metrics, predictions, records, target_lang=target_language(task), target_format=task.target_format
+        )
         result.update(report.scores)
         signatures = dict(report.signatures)
     if decode:

@@ -215,6 +215,20 @@ def sinusoidal_positions(positions: jax.Array, features: int, max_timescale: flo
     return encoding
 
 
+@functools.lru_cache(maxsize=64)
+def sinusoidal_table(length: int, features: int, max_timescale: float = 10_000.0) -> np.ndarray:
+    """``sinusoidal_positions`` of positions 0..length-1 as a host constant [length, features] (float32): the
+    compiled step looks rows up instead of computing sines and cosines of every position of every row."""
+    half = features // 2
+    inv_freq = np.exp(-math.log(max_timescale) * np.arange(half, dtype=np.float32) * 2.0 / features).astype(np.float32)
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
+    if features % 2:
+        table = np.pad(table, [(0, 0), (0, 1)])
+    table.setflags(write=False)
+    return table
+
+
 def attention_mask_bias(
     query_valid: jax.Array,
     key_valid: jax.Array,
@@ -233,6 +247,52 @@ def attention_mask_bias(
         q_len, k_len = query_valid.shape[1], key_valid.shape[1]
         allowed &= jnp.arange(q_len)[:, None] >= jnp.arange(k_len)[None, :]
     return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None]
+
+
+DROPOUT_GENERATORS = ("threefry", "hash")
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer hash with well-mixed bits (the "lowbias32" xorshift-multiply constants)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Counter-based uint32 bits: a keyed hash of each element's index in ``shape``. Two words drawn from ``key``
+    (threefry, on 2 numbers) select the hash; the bits are a pure function of (key, index), so they do not depend
+    on how the array is sharded, and cost a few integer operations per element instead of threefry's ~20 rounds."""
+    words = jax.random.bits(key, (2,), jnp.uint32)
+    index = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    for axis in range(1, len(shape)):
+        index = index * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return _hash32(_hash32(index ^ words[0]) + words[1])
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (``flax.linen.Dropout``'s semantics and key derivation) with a choice of random bits:
+    ``threefry`` (``jax.random.bernoulli``, flax's own) or ``hash`` (``hash_bits``, much cheaper on CPUs)."""
+
+    rate: float
+    generator: str = "threefry"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.generator not in DROPOUT_GENERATORS:
+            raise ValueError(f"dropout generator {self.generator!r} is unknown; use one of {DROPOUT_GENERATORS}")
+        keep_prob = 1.0 - self.rate
+        key = self.make_rng("dropout")
+        if self.generator == "threefry":
+            mask = jax.random.bernoulli(key, p=keep_prob, shape=inputs.shape)
+        else:  # keep where bits < keep_prob * 2**32
+            threshold = min(int(round(keep_prob * 2.0**32)), 2**32 - 1)
+            mask = hash_bits(key, inputs.shape) < jnp.uint32(threshold)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -302,6 +362,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
     kernel: str = "einsum"  # one of ATTENTION_KERNELS; "xla"/"cudnn" take a FusedMask as attention_bias
+    dropout_generator: str = "threefry"  # one of DROPOUT_GENERATORS
 
     @nn.compact
     def __call__(
@@ -378,7 +439,7 @@ class MultiHeadAttention(nn.Module):
             logits = logits + attention_bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0:
-            weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+            weights = Dropout(rate=self.dropout_rate, generator=self.dropout_generator)(weights, deterministic=False)
         context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
         return self._project_out(context, inputs_q.shape[-1])
 
@@ -409,6 +470,7 @@ class MlpBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_kernel_init
+    dropout_generator: str = "threefry"  # one of DROPOUT_GENERATORS
 
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -426,7 +488,7 @@ class MlpBlock(nn.Module):
             hidden = hidden * dense(self.d_ff, kernel_axes=("embed", "mlp"), name="wi_1")(inputs)
         else:
             hidden = act(dense(self.d_ff, kernel_axes=("embed", "mlp"), name="wi")(inputs))
-        hidden = nn.Dropout(rate=self.dropout_rate)(hidden, deterministic=deterministic)
+        hidden = Dropout(rate=self.dropout_rate, generator=self.dropout_generator)(hidden, deterministic=deterministic)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         out = dense(inputs.shape[-1], kernel_axes=("mlp", "embed"), name="wo")(hidden)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))

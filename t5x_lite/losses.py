@@ -131,3 +131,141 @@ def normalize(sums: dict[str, jax.Array], normalization: str | float | Any = NUM
         "z_loss": sums["z_loss"] / denominator,
         "accuracy": sums["correct"] / safe_weight_sum,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output projection and the cross entropy fused, a chunk of rows at a time.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def projected_cross_entropy(
+    hidden: jax.Array,
+    projection: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_tokens: int = 1024,
+) -> dict[str, jax.Array]:
+    """``cross_entropy(hidden @ projection, ...)`` without ever holding the [batch, length, vocab] logits.
+
+    The rows are cut into chunks of about ``chunk_tokens`` tokens (row ``j`` of chunk ``c`` is batch row
+    ``j * num_chunks + c``, so a batch sharded over devices stays sharded inside every chunk); each chunk computes
+    its logits, the loss sums and, when differentiated, its gradients at once, while its logits are still in cache.
+    The gradient flows through ``loss`` only (which includes the z-loss); ``z_loss``, ``weight_sum`` and
+    ``correct`` are metrics. ``correct`` counts a token when its target logit is the largest (ties count, where
+    ``cross_entropy``'s argmax takes the first).
+
+    Args:
+      hidden: ``[batch, length, d_model]`` final decoder activations (after any output rescaling).
+      projection: ``[d_model, vocab]`` (the tied embedding transposed, or the untied ``logits_dense`` kernel).
+      targets, weights, label_smoothing, z_loss: as in ``cross_entropy``.
+    """
+    batch, length, _ = hidden.shape
+    weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    num_chunks = _num_chunks(batch, length, chunk_tokens)
+
+    def chunked(x: jax.Array) -> jax.Array:  # [batch, ...] -> [num_chunks, batch // num_chunks, ...]
+        x = x.reshape((batch // num_chunks, num_chunks) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    sums = _fused_sums(
+        chunked(hidden),
+        projection,
+        chunked(targets.astype(jnp.int32)),
+        chunked(weights),
+        float(label_smoothing),
+        float(z_loss),
+    )
+    loss, metrics = sums
+    return {"loss": loss, **jax.tree.map(jax.lax.stop_gradient, metrics)}
+
+
+def _num_chunks(batch: int, length: int, chunk_tokens: int) -> int:
+    """The most chunks, dividing ``batch``, that keep at least ``chunk_tokens`` tokens (or one row) in each."""
+    rows = max(1, -(-chunk_tokens // length))
+    best = 1
+    for count in range(1, batch + 1):
+        if batch % count == 0 and batch // count >= min(rows, batch):
+            best = count
+    return best
+
+
+def _chunk_statistics(h, projection, targets, weights, label_smoothing, z_loss, with_grads):
+    """Loss sums of one chunk ([rows, length, d] activations) and, ``with_grads``, d(loss sum)/d(h, projection)."""
+    rows, length, d_model = h.shape
+    h = h.reshape(rows * length, d_model)
+    targets, weights = targets.reshape(-1), weights.reshape(-1)
+    logits = jnp.dot(h, projection.astype(h.dtype), preferred_element_type=jnp.float32)
+    vocab_size = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    token_loss = log_z - target_logits
+    if label_smoothing:
+        confidence = 1.0 - label_smoothing
+        low = label_smoothing / (vocab_size - 1)
+        constant = -(confidence * math.log(confidence) + (vocab_size - 1) * low * math.log(low + 1e-20))
+        sum_log_probs = jnp.sum(logits, axis=-1) - vocab_size * log_z
+        token_loss = (confidence - low) * token_loss - low * sum_log_probs - constant
+    token_z_loss = z_loss * jnp.square(log_z)
+    correct = (target_logits >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    metrics = {
+        "z_loss": jnp.sum(token_z_loss * weights),
+        "weight_sum": jnp.sum(weights),
+        "correct": jnp.sum(correct * weights),
+    }
+    loss = jnp.sum((token_loss + token_z_loss) * weights)
+    if not with_grads:
+        return loss, metrics, None
+    probs = jnp.exp(logits - log_z[:, None])
+    soft = _soft_targets(targets, vocab_size, label_smoothing, jnp.float32)
+    grad_logits = weights[:, None] * ((1.0 + 2.0 * z_loss * log_z)[:, None] * probs - soft)
+    grad_h = jnp.dot(grad_logits.astype(h.dtype), projection.astype(h.dtype).T, preferred_element_type=jnp.float32)
+    grad_projection = jnp.dot(h.T, grad_logits.astype(h.dtype), preferred_element_type=jnp.float32)
+    return loss, metrics, (grad_h.reshape(rows, length, d_model), grad_projection)
+
+
+def _scan_chunks(hidden, projection, targets, weights, label_smoothing, z_loss, with_grads):
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, {"z_loss": zero, "weight_sum": zero, "correct": zero})
+    if with_grads:
+        init = (*init, jnp.zeros(projection.shape, jnp.float32))
+
+    def body(carry, chunk):
+        h, t, w = chunk
+        loss, metrics, grads = _chunk_statistics(h, projection, t, w, label_smoothing, z_loss, with_grads)
+        totals = (carry[0] + loss, jax.tree.map(jnp.add, carry[1], metrics))
+        if not with_grads:
+            return totals, None
+        grad_h, grad_projection = grads
+        return (*totals, carry[2] + grad_projection), grad_h
+
+    return jax.lax.scan(body, init, (hidden, targets, weights))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_sums(hidden, projection, targets, weights, label_smoothing, z_loss):
+    (loss, metrics), _ = _scan_chunks(hidden, projection, targets, weights, label_smoothing, z_loss, False)
+    return loss, metrics
+
+
+def _fused_sums_fwd(hidden, projection, targets, weights, label_smoothing, z_loss):
+    (loss, metrics, grad_projection), grad_hidden = _scan_chunks(
+        hidden, projection, targets, weights, label_smoothing, z_loss, True
+    )
+    return (loss, metrics), (grad_hidden.astype(hidden.dtype), grad_projection.astype(projection.dtype))
+
+
+def _fused_sums_bwd(label_smoothing, z_loss, residuals, cotangents):
+    grad_hidden, grad_projection = residuals
+    g_loss = cotangents[0]  # the metrics' cotangents are dropped: they are stop_gradient-ed by the caller
+    return (
+        (g_loss * grad_hidden).astype(grad_hidden.dtype),
+        (g_loss * grad_projection).astype(grad_projection.dtype),
+        None,
+        None,
+    )
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)

@@ -103,10 +103,25 @@ def moses_tokenize(text: str, lang: str) -> str:
     return tokenizer.tokenize(normalized, return_str=True, escape=True)
 
 
-def tokenized_bleu(predictions: Sequence[str], tok_references: Sequence[Sequence[str]], *, lang: str) -> BleuScore:
+def moses_detokenize(text: str, lang: str) -> str:
+    """Moses-tokenized text (entities such as ``&apos;`` included) back to plain text, for sacreBLEU."""
+    return _moses_detokenizer(lang).detokenize(text.split(), unescape=True) if text.strip() else ""
+
+
+@functools.cache
+def _moses_detokenizer(lang: str):
+    from sacremoses import MosesDetokenizer
+
+    return MosesDetokenizer(lang=lang)
+
+
+def tokenized_bleu(
+    predictions: Sequence[str], tok_references: Sequence[Sequence[str]], *, lang: str, pretokenized: bool = False
+) -> BleuScore:
     """BLEU as papers scored Moses-tokenized lowercased files (multi-bleu.perl): hypotheses go through
-    ``moses_tokenize``; references are taken verbatim, already processed; sacreBLEU splits on spaces only."""
-    hypotheses = [moses_tokenize(prediction, lang) for prediction in predictions]
+    ``moses_tokenize`` (unless ``pretokenized``: a model trained on such files outputs them already); references
+    are taken verbatim, already processed; sacreBLEU splits on spaces only."""
+    hypotheses = list(predictions) if pretokenized else [moses_tokenize(prediction, lang) for prediction in predictions]
     return bleu(hypotheses, tok_references, tokenize="none", smooth_method="exp")
 
 
@@ -173,14 +188,26 @@ def _check_request(
 
 
 def _metric_values(
-    name: str, predictions: Sequence[str], records: Sequence[Mapping[str, Any]], target_lang: str | None
+    name: str,
+    predictions: Sequence[str],
+    records: Sequence[Mapping[str, Any]],
+    target_lang: str | None,
+    target_format: str,
 ) -> Mapping[str, float | BleuScore]:
     """The flat values of one registry metric name."""
     references = _field(records, "references")
+    tokenized = target_format == "moses_lc_tok"
+    if name == "bleu" and tokenized:  # lowercased tokenized outputs: detokenize, score case-insensitively
+        plain = [moses_detokenize(prediction, target_lang or "en") for prediction in predictions]
+        return {
+            "bleu": bleu(plain, references, tokenize="13a", lowercase=True),
+            "bleu_intl": bleu(plain, references, tokenize="intl", lowercase=True),
+        }
     if name == "bleu":
         return {"bleu": sacrebleu_13a(predictions, references), "bleu_intl": sacrebleu_intl(predictions, references)}
     if name == "tok_bleu":
-        return {"tok_bleu": tokenized_bleu(predictions, _field(records, "tok_references"), lang=target_lang)}
+        tok_references = _field(records, "tok_references")
+        return {"tok_bleu": tokenized_bleu(predictions, tok_references, lang=target_lang, pretokenized=tokenized)}
     if name == "rouge":
         return rouge(predictions, references)
     return {"exact_match": exact_match(predictions, references)}
@@ -192,14 +219,19 @@ def compute_metrics(
     records: Sequence[Mapping[str, Any]],
     *,
     target_lang: str | None = None,
+    target_format: str = "text",
 ) -> MetricReport:
     """The task registry's metrics (``bleu`` gives ``bleu`` and ``bleu_intl``; ``tok_bleu`` needs
-    ``record['tok_references']`` and ``target_lang``; ``rouge``; ``exact_match``); empty input is a ValueError."""
+    ``record['tok_references']`` and ``target_lang``; ``rouge``; ``exact_match``); empty input is a ValueError.
+
+    ``target_format='moses_lc_tok'`` (a task trained on lowercased Moses-tokenized text): ``tok_bleu`` scores the
+    predictions as they are, and ``bleu``/``bleu_intl`` score their detokenized form case-insensitively
+    (``case:lc`` in the signature) against the raw references."""
     _check_request(names, predictions, records, target_lang)
     scores: dict[str, float] = {}
     signatures: dict[str, str] = {}
     for name in names:
-        for key, value in _metric_values(name, predictions, records, target_lang).items():
+        for key, value in _metric_values(name, predictions, records, target_lang, target_format).items():
             if isinstance(value, BleuScore):
                 scores[key], signatures[key] = value.score, value.signature
             else:

@@ -44,7 +44,9 @@ class TransformerConfig:
     d_ff: int = 2048
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    dropout_rate: float = 0.1
+    dropout_rate: float = 0.1  # residual and embedding dropout (and, by default, the two below)
+    attention_dropout_rate: float | None = None  # on attention weights; None: dropout_rate (T5), fairseq: 0
+    activation_dropout_rate: float | None = None  # on the MLP's hidden activations; None: dropout_rate (T5)
     mlp_activation: str = "relu"  # relu | gelu | gelu_exact | silu, optionally "gated-" prefixed
     norm_type: str = "rmsnorm"  # rmsnorm (T5) | layernorm (classic, with bias)
     norm_position: str = "pre"  # pre (T5) | post (Vaswani et al.)
@@ -64,6 +66,7 @@ class TransformerConfig:
     scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
     remat_policy: str = "none"  # none | minimal (save matmul outputs) | full (save nothing)
     attention_kernel: str = "einsum"  # einsum (any mask, dropout) | xla | cudnn (GPU flash attention, bf16)
+    dropout_generator: str = "threefry"  # random bits of dropout masks: threefry (flax's) | hash (cheap on CPUs)
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -89,16 +92,22 @@ class TransformerConfig:
             "dtype": DTYPES,
             "param_dtype": DTYPES,
             "attention_kernel": layers.ATTENTION_KERNELS,
+            "dropout_generator": layers.DROPOUT_GENERATORS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, f"is unknown; choose one of {', '.join(allowed)}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            fail("dropout_rate", "must be in [0, 1)")
-        if self.attention_kernel != "einsum" and self.dropout_rate > 0:
+        for field in ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate"):
+            value = getattr(self, field)
+            if not (value is None and field != "dropout_rate") and not (
+                isinstance(value, (int, float)) and 0.0 <= value < 1.0
+            ):
+                fail(field, "must be in [0, 1)" + ("" if field == "dropout_rate" else " or None (= dropout_rate)"))
+        if self.attention_kernel != "einsum" and self.attention_dropout > 0:
             fail(
                 "attention_kernel",
-                f"has no attention dropout; set dropout_rate=0 (not {self.dropout_rate}) or use 'einsum'",
+                f"has no attention dropout; set attention_dropout_rate=0 (not {self.attention_dropout}) "
+                "or use 'einsum'",
             )
         if self.attention_kernel == "cudnn" and self.dtype == "float32":
             fail("attention_kernel", "(cuDNN flash attention) needs dtype='bfloat16' or 'float16'")
@@ -111,6 +120,21 @@ class TransformerConfig:
                 fail("relative_attention_num_buckets", "must be at least 4")
             if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
                 fail("relative_attention_max_distance", "must exceed relative_attention_num_buckets // 4")
+
+    @property
+    def attention_dropout(self) -> float:
+        """The rate on attention weights: ``attention_dropout_rate``, or ``dropout_rate`` when that is None."""
+        return self.dropout_rate if self.attention_dropout_rate is None else self.attention_dropout_rate
+
+    @property
+    def activation_dropout(self) -> float:
+        """The rate on the MLP's hidden activations: ``activation_dropout_rate``, or ``dropout_rate``."""
+        return self.dropout_rate if self.activation_dropout_rate is None else self.activation_dropout_rate
+
+    @property
+    def uses_dropout(self) -> bool:
+        """Whether training draws any dropout mask (and so needs a dropout key)."""
+        return max(self.dropout_rate, self.attention_dropout, self.activation_dropout) > 0
 
     @property
     def head_dim(self) -> int:
@@ -157,12 +181,13 @@ def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
     return layers.MultiHeadAttention(
         num_heads=cfg.num_heads,
         d_kv=cfg.head_dim,
-        dropout_rate=cfg.dropout_rate,
+        dropout_rate=cfg.attention_dropout,
         scale_qk=cfg.scale_qk,
         use_bias=cfg.use_bias,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.parameter_dtype,
         kernel=cfg.attention_kernel,
+        dropout_generator=cfg.dropout_generator,
         name=name,
     )
 
@@ -204,12 +229,18 @@ def _mlp(cfg: TransformerConfig) -> layers.MlpBlock:
     return layers.MlpBlock(
         d_ff=cfg.d_ff,
         activation=cfg.mlp_activation,
-        dropout_rate=cfg.dropout_rate,
+        dropout_rate=cfg.activation_dropout,
+        dropout_generator=cfg.dropout_generator,
         use_bias=cfg.use_bias,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.parameter_dtype,
         name="mlp",
     )
+
+
+def _dropout(cfg: TransformerConfig) -> layers.Dropout:
+    """Residual and embedding dropout (``dropout_rate``)."""
+    return layers.Dropout(rate=cfg.dropout_rate, generator=cfg.dropout_generator)
 
 
 def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
@@ -225,7 +256,7 @@ def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
     )
 
 
-def _sublayer(cfg: TransformerConfig, x: jax.Array, norm: nn.Module, fn, dropout: nn.Dropout, deterministic: bool):
+def _sublayer(cfg: TransformerConfig, x: jax.Array, norm: nn.Module, fn, dropout: layers.Dropout, deterministic: bool):
     """Residual sublayer: pre-LN ``x + drop(fn(norm(x)))`` or post-LN ``norm(x + drop(fn(x)))``."""
     if cfg.norm_position == "pre":
         return x + dropout(fn(norm(x)), deterministic=deterministic)
@@ -270,9 +301,16 @@ def _stack(
     return [functools.partial(scanned, config=cfg, scanned=True, name="layers")]
 
 
-def _add_positions(cfg: TransformerConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+def _add_positions(cfg: TransformerConfig, x: jax.Array, positions: jax.Array | None, stepping: bool = False):
+    """Absolute position embeddings; ``positions`` None means 0..length-1 in every row. Outside step-by-step
+    decoding a position indexes a token of its row (so it is < length) and sinusoids come from a host table."""
     if cfg.position_embedding == "sinusoidal":
-        return x + layers.sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
+        if stepping:
+            encoding = layers.sinusoidal_positions(positions, cfg.d_model)
+        else:
+            table = jnp.asarray(layers.sinusoidal_table(x.shape[1], cfg.d_model))
+            encoding = table[None] if positions is None else jnp.take(table, positions, axis=0)
+        return x + encoding.astype(x.dtype)
     if cfg.position_embedding == "learned":
         table = layers.Embed(
             num_embeddings=cfg.max_position_embeddings,
@@ -283,7 +321,7 @@ def _add_positions(cfg: TransformerConfig, x: jax.Array, positions: jax.Array) -
             embedding_init=nn.initializers.normal(stddev=cfg.d_model**-0.5),
             name="position_embedder",
         )
-        return x + table(positions)
+        return x + table(_default_positions(x[..., 0]) if positions is None else positions)
     return x
 
 
@@ -318,7 +356,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, attention_bias: jax.Array, deterministic: bool = True):
         cfg = self.config
-        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        dropout = _dropout(cfg)
         attention = _attention(cfg, "attention")
         x = _sublayer(
             cfg,
@@ -354,7 +392,7 @@ class DecoderLayer(nn.Module):
         decode_index: jax.Array | None = None,
     ):
         cfg = self.config
-        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        dropout = _dropout(cfg)
         self_attention = _attention(cfg, "self_attention")
         cross_attention = _attention(cfg, "encoder_decoder_attention")
 
@@ -402,9 +440,8 @@ class Encoder(nn.Module):
         x = embed(tokens.astype(jnp.int32))
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
-        positions = _default_positions(tokens) if positions is None else positions
         x = _add_positions(cfg, x, positions)
-        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        dropout = _dropout(cfg)
         x = dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -449,6 +486,7 @@ class Decoder(nn.Module):
         decoder_positions: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array:
         cfg = self.config
         batch, length = decoder_input_tokens.shape
@@ -472,7 +510,7 @@ class Decoder(nn.Module):
                 self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
                 self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
             index = None
-            positions = _default_positions(decoder_input_tokens) if decoder_positions is None else decoder_positions
+            positions = decoder_positions
             decoder_valid = (
                 decoder_target_tokens > 0 if decoder_target_tokens is not None else jnp.ones((batch, length), bool)
             )
@@ -495,8 +533,8 @@ class Decoder(nn.Module):
         x = embed(decoder_input_tokens.astype(jnp.int32))
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
-        x = _add_positions(cfg, x, positions)
-        dropout = nn.Dropout(rate=cfg.dropout_rate)
+        x = _add_positions(cfg, x, positions, stepping=stepping)
+        dropout = _dropout(cfg)
         x = dropout(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -509,6 +547,8 @@ class Decoder(nn.Module):
 
         if cfg.rescale_logits:
             x = x * jnp.asarray(cfg.d_model**-0.5, x.dtype)
+        if return_hidden:  # what the output projection would take (losses.projected_cross_entropy)
+            return x
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -557,8 +597,10 @@ class Transformer(nn.Module):
         decoder_positions: jax.Array | None = None,
         enable_dropout: bool = False,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array:
-        """Logits [batch, target_len, vocab] (float32) given the encoder outputs."""
+        """Logits [batch, target_len, vocab] (float32) given the encoder outputs; with ``return_hidden`` the
+        activations the output projection takes instead ([batch, target_len, d_model])."""
         return self.decoder(
             encoded,
             encoder_input_tokens,
@@ -569,6 +611,7 @@ class Transformer(nn.Module):
             decoder_positions,
             deterministic=not enable_dropout,
             decode=decode,
+            return_hidden=return_hidden,
         )
 
     def __call__(
@@ -582,8 +625,10 @@ class Transformer(nn.Module):
         decoder_positions: jax.Array | None = None,
         *,
         enable_dropout: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array:
-        """Teacher-forced logits [batch, target_len, vocab] (float32)."""
+        """Teacher-forced logits [batch, target_len, vocab] (float32), or with ``return_hidden`` the activations
+        that ``output_projection`` maps to them."""
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, enable_dropout)
         return self.decode(
             encoded,
@@ -594,6 +639,7 @@ class Transformer(nn.Module):
             decoder_segment_ids,
             decoder_positions,
             enable_dropout,
+            return_hidden=return_hidden,
         )
 
 
@@ -721,6 +767,15 @@ def unscan_params(params: Any, cfg: TransformerConfig) -> Any:
             stack_params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
         out[stack] = stack_params
     return out
+
+
+def output_projection(cfg: TransformerConfig, params: Any) -> jax.Array:
+    """The [d_model, vocab] matrix that maps the decoder's last activations to logits: the (shared or decoder)
+    token embedding transposed when tied, else the ``logits_dense`` kernel."""
+    if not cfg.tie_word_embeddings:
+        return params["decoder"]["logits_dense"]["kernel"]
+    table = params["token_embedder"] if cfg.share_embeddings else params["decoder"]["token_embedder"]
+    return table["embedding"].T
 
 
 def init_decode_cache(

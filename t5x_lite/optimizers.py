@@ -15,11 +15,13 @@ key                 default       meaning
 ==================  ============  ==================================================================================
 optimizer           'adafactor'   'adafactor' | 'adamw'
 learning_rate       1e-3          base of the schedule (for 'rsqrt' T5's base: 1.0 gives 0.01 for warmup_steps=1e4)
-schedule            'rsqrt'       'rsqrt' | 'cosine' | 'inverse_sqrt' | 'constant'
-warmup_steps        10000         rsqrt: constant-lr plateau length; cosine / inverse_sqrt: linear warmup length
+schedule            'rsqrt'       'rsqrt' | 'cosine' | 'inverse_sqrt' | 'warmup_rsqrt' | 'constant'
+warmup_steps        10000         rsqrt: constant-lr plateau length; others: linear warmup length
 linear_warmup       False         rsqrt / constant: ramp linearly from 0 over warmup_steps
 decay_steps         None          cosine: total length incl. warmup (None: the config's num_train_steps)
 end_factor          0.0           cosine: final learning rate = end_factor * learning_rate
+cooldown_steps      0             any schedule: times a linear decay to 0 over the last cooldown_steps of
+                                  num_train_steps (warmup-stable-decay); 0 turns it off
 d_model             512           inverse_sqrt: model width in d_model**-0.5
 weight_decay        0.0           adamw: decoupled decay times the lr; adafactor: decay rate per step (not lr-scaled)
 b1, b2, eps         0.9, 0.98,    adamw moments and epsilon (Vaswani et al. 2017's Adam settings)
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adafactor", "adamw")
-SCHEDULES = ("rsqrt", "cosine", "inverse_sqrt", "constant")
+SCHEDULES = ("rsqrt", "cosine", "inverse_sqrt", "warmup_rsqrt", "constant")
 
 DEFAULTS: dict[str, Any] = {
     "optimizer": "adafactor",
@@ -55,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "linear_warmup": False,
     "decay_steps": None,
     "end_factor": 0.0,
+    "cooldown_steps": 0,
     "d_model": 512,
     "weight_decay": 0.0,
     "b1": 0.9,
@@ -93,14 +96,35 @@ def _non_negative_int(options: dict[str, Any], key: str) -> int:
 
 
 def make_schedule(cfg: Mapping[str, Any] | Any) -> optax.Schedule:
-    """The learning rate as a function of the step (finite at step 0) for ``cfg.schedule``:
+    """``_base_schedule``, times a linear cooldown to 0 over the last ``cooldown_steps`` of ``num_train_steps``."""
+    options = _options(cfg)
+    schedule = _base_schedule(options)
+    cooldown = _non_negative_int(options, "cooldown_steps")
+    if not cooldown:
+        return schedule
+    total = options["num_train_steps"]
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or not 0 < cooldown <= total:
+        raise ValueError(
+            f"config.cooldown_steps={cooldown} needs num_train_steps >= cooldown_steps (got num_train_steps={total!r})"
+        )
+
+    def cooled(step: Any) -> jax.Array:
+        factor = jnp.clip((int(total) - jnp.asarray(step, jnp.float32)) / cooldown, 0.0, 1.0)
+        return schedule(step) * factor
+
+    return cooled
+
+
+def _base_schedule(options: dict[str, Any]) -> optax.Schedule:
+    """The learning rate as a function of the step (finite at step 0) for ``options['schedule']``:
 
     - ``rsqrt`` (T5): ``lr / sqrt(max(step, warmup_steps))``, times ``min(step / warmup_steps, 1)`` if linear_warmup;
     - ``cosine``: linear 0 -> lr over warmup_steps, then cosine to ``end_factor * lr`` at step decay_steps;
     - ``inverse_sqrt`` (Vaswani et al. 2017): ``lr * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)``;
+    - ``warmup_rsqrt`` (fairseq's ``inverse_sqrt``, ``lr`` is the peak): ``lr * min(step / warmup_steps,
+      sqrt(warmup_steps / step))``;
     - ``constant``: ``lr``, times ``min(step / warmup_steps, 1)`` if linear_warmup.
     """
-    options = _options(cfg)
     name = _choose(options, "schedule", SCHEDULES)
     base = options["learning_rate"]
     if isinstance(base, bool) or not isinstance(base, numbers.Real) or not base > 0:
@@ -124,9 +148,17 @@ def make_schedule(cfg: Mapping[str, Any] | Any) -> optax.Schedule:
 
         return rsqrt
 
+    if name in ("inverse_sqrt", "warmup_rsqrt") and warmup < 1:
+        raise ValueError(f"config.warmup_steps={warmup} must be at least 1 for schedule={name!r}")
+    if name == "warmup_rsqrt":
+
+        def warmup_rsqrt(step: Any) -> jax.Array:
+            step = jnp.asarray(step, jnp.float32)
+            return base * jnp.minimum(step / warmup, jnp.sqrt(warmup / jnp.maximum(step, 1.0)))
+
+        return warmup_rsqrt
+
     if name == "inverse_sqrt":
-        if warmup < 1:
-            raise ValueError(f"config.warmup_steps={warmup} must be at least 1 for schedule='inverse_sqrt'")
         d_model = options["d_model"]
         if isinstance(d_model, bool) or not isinstance(d_model, numbers.Integral) or d_model < 1:
             raise ValueError(f"config.d_model={d_model!r} must be a positive integer (schedule='inverse_sqrt')")

@@ -163,6 +163,12 @@ def param_shardings(cfg: network.TransformerConfig, mesh: Mesh, rules: str | Rul
     return nn.logical_to_mesh_sharding(network.param_logical_axes(cfg), mesh, get_rules(rules))
 
 
+def batch_shards(mesh: Mesh, rules: str | Rules | None = None) -> int:
+    """Into how many pieces ``batch_sharding`` cuts the batch dimension (the product of its mesh axes)."""
+    axes = BATCH_AXES if rules is None else _mesh_axes(get_rules(rules), "batch")
+    return math.prod(dict(mesh.shape)[axis] for axis in axes)
+
+
 def batch_sharding(mesh: Mesh, rules: str | Rules | None = None) -> NamedSharding:
     """Sharding of arrays whose leading dimension is the batch ([batch], [batch, length], ...)."""
     axes = BATCH_AXES if rules is None else _mesh_axes(get_rules(rules), "batch")

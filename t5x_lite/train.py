@@ -91,7 +91,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             "them; set --config.pack=False or --config.model_overrides.attention_kernel=einsum"
         )
     mesh, rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
-    partitioning.validate(model_cfg, mesh, config.batch_size, rules)
+    batch_tokens = config.get("batch_tokens", 0)
+    # Bucketed batches have as many rows as fit batch_tokens, always a multiple of row_multiple.
+    row_multiple = math.lcm(config.get("bucket_row_multiple", 8), partitioning.batch_shards(mesh, rules))
+    partitioning.validate(model_cfg, mesh, row_multiple if batch_tokens else config.batch_size, rules)
     optimizer = optimizers.make_optimizer(config)
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
@@ -110,6 +113,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         config=config.to_dict(),
     )
     checkpointer.save_vocabulary(vocab)
+    plan = None
+    if batch_tokens:
+        plan = pipeline.bucket_plan(
+            task,
+            vocab,
+            batch_tokens=batch_tokens,
+            boundaries=tuple(config.get("bucket_boundaries", ()) or ()),
+            row_multiple=row_multiple,
+            seed=config.seed,
+            data_dir=config.data_dir or None,
+        )
+        if is_chief:
+            print(
+                f"length-bucketed batches of <= {batch_tokens} tokens: {plan.batches_per_epoch} per epoch, "
+                f"{100 * plan.padding_fraction():.1f}% padding, shapes (rows, length) {plan.shapes()}",
+                flush=True,
+            )
     train_data = pipeline.train_dataset(
         task,
         vocab,
@@ -119,12 +139,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         shard=pipeline.ProcessShard.from_jax(),
         data_dir=config.data_dir or None,
         prefetch=config.get("prefetch_batches", 2),
+        batch_tokens=batch_tokens,
+        row_multiple=row_multiple,
+        plan=plan,
     )
     shardings = trainer.state_shardings(model_cfg, optimizer, mesh, rules)
     latest = checkpointer.latest_step()
+    stopper = EarlyStopping(config.best_metric, config.best_mode, config.get("early_stopping_patience", 0))
     if latest is not None:
         abstract = jax.eval_shape(lambda key: trainer.create_train_state(model_cfg, optimizer, key), jax.random.key(0))
         state, data_state, _ = checkpointer.restore(latest, abstract_state=abstract, shardings=shardings)
+        data_state = dict(data_state)
+        stopper.load(data_state.pop(EarlyStopping.STATE_KEY, None))
         iterator = pipeline.restore_iterator(train_data, data_state)
         if is_chief:
             print(f"resuming from step {latest} in {workdir}", flush=True)
@@ -136,8 +162,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             state = state.replace(params=jax.device_put(params, shardings.params))
         iterator = iter(train_data)
     start_step = int(state.step)
+    end_step = start_step if stopper.should_stop else config.num_train_steps  # an early-stopped run stays stopped
 
     # ------------------------------------------------------------------------------------------- train loop
+    loss_chunk_tokens = config.get("loss_chunk_tokens", 0)
     train_step = trainer.compile_train_step(
         model_cfg,
         optimizer,
@@ -148,65 +176,61 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         z_loss=config.z_loss,
         schedule=schedule,
         skip_nonfinite=config.get("skip_nonfinite_updates", False),
+        loss_chunk_tokens=loss_chunk_tokens,
     )
-    eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules)
-    lengths = task.tasks()[0].lengths if hasattr(task, "tasks") else task.lengths
-    step_flops = flops.train_flops(model_cfg, config.batch_size, lengths["inputs"], lengths["targets"])
+    if plan is not None and start_step < end_step:
+        train_step = _precompiled(train_step, state, plan, task, mesh, rules, verbose=is_chief)
+    eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules, loss_chunk_tokens=loss_chunk_tokens)
     peak_flops, peak_source = flops.peak_flops_per_device()
     if is_chief:
-        print(f"model FLOPs per step {step_flops:.3g}; peak {peak_flops:.3g} FLOP/s per device ({peak_source})")
+        print(f"peak {peak_flops:.3g} FLOP/s per device ({peak_source})")
     writer = metrics.MetricWriter(workdir, enabled=is_chief)
     preemption = checkpoints.install_preemption_handler()
     rng = jax.random.key(config.seed)
     last_eval: dict[str, float] = {}
     progress = _progress(start_step, config.num_train_steps, enabled=is_chief)
-    window_start, window_steps, window_tokens, window_fingerprint = time.perf_counter(), 0, 0, 0
+    window = _Window()
     profile = tuple(config.get("profile_steps", ()) or ())  # (first, last) step of a jax.profiler trace
-    crash_after = config.get("debug_crash_after_step", 0)
-    skip_nonfinite = config.get("skip_nonfinite_updates", False)  # fault injection for tests: SIGKILL after that save
+    crash_after = config.get("debug_crash_after_step", 0)  # fault injection for tests: SIGKILL after that save
+    skip_nonfinite = config.get("skip_nonfinite_updates", False)
+    keep_best = config.get("keep_best_checkpoints", 0) > 0
     try:
         with partitioning.activate(mesh, rules):
-            for step in range(start_step, config.num_train_steps):
+            for step in range(start_step, end_step):
                 batch = next(iterator)
-                window_tokens += int(np.sum(batch["decoder_target_tokens"] > 0))
-                window_fingerprint = zlib.crc32(
-                    np.ascontiguousarray(batch["decoder_target_tokens"]), window_fingerprint
-                )
+                window.add(batch, model_cfg)
                 if profile and step == profile[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 state, step_metrics = train_step(state, partitioning.host_local_to_global(batch, mesh, rules), rng)
-                window_steps += 1
                 done = step + 1
                 if done % config.log_every_steps == 0 or done == config.num_train_steps:
                     values = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
                     if not math.isfinite(values["train/loss"]) and not skip_nonfinite:
                         raise _nonfinite(values["train/loss"], done, checkpointer, workdir)
-                    elapsed = time.perf_counter() - window_start
-                    values["perf/step_time"] = elapsed / window_steps
-                    values["perf/target_tokens_per_sec"] = window_tokens * jax.process_count() / elapsed
-                    values["perf/mfu"] = step_flops / (values["perf/step_time"] * peak_flops * jax.device_count())
-                    values["data/fingerprint"] = float(
-                        window_fingerprint
-                    )  # crc32 of the targets seen since the last log
+                    values.update(window.values(peak_flops))
                     writer.write(done, values)
                     progress.set_postfix(loss=f"{values['train/loss']:.3f}")
-                    window_start, window_steps, window_tokens, window_fingerprint = time.perf_counter(), 0, 0, 0
+                    window = _Window()
                 if profile and done == profile[1]:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
-                if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+                evaluated = done % config.eval_every_steps == 0 or done == config.num_train_steps
+                if evaluated:
                     last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
-                    writer.write(done, last_eval)
+                    stopper.update(last_eval)
+                    writer.write(done, {**last_eval, **stopper.values()})
                     logging.info("step %d: %s", done, last_eval)
+                    window = _Window()  # the next throughput figure leaves the evaluation out
+                stop = evaluated and stopper.should_stop
                 saving = done % config.checkpoint_every_steps == 0 or done == config.num_train_steps
                 if saving and not skip_nonfinite and not math.isfinite(float(step_metrics["loss"])):
                     raise _nonfinite(float(step_metrics["loss"]), done, checkpointer, workdir)  # never save NaNs
                 checkpointer.maybe_save(
                     done,
                     state,
-                    pipeline.iterator_state(iterator),
-                    metrics=last_eval or None,
-                    force=done == config.num_train_steps or preemption.requested,
+                    {**pipeline.iterator_state(iterator), EarlyStopping.STATE_KEY: stopper.state()},
+                    metrics=last_eval if evaluated else None,
+                    force=done == config.num_train_steps or preemption.requested or stop or (evaluated and keep_best),
                 )
                 progress.update(1)
                 if crash_after and done == crash_after:
@@ -215,7 +239,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 if preemption.requested:
                     logging.warning("preemption signal: saved step %d, exiting", done)
                     break
-        if not last_eval and start_step >= config.num_train_steps:  # already trained: report the final model
+                if stop:
+                    if is_chief:
+                        print(stopper.message(done), flush=True)
+                    break
+        if not last_eval and start_step >= end_step:  # already trained (or stopped early): report the model
             last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
     finally:
         progress.close()
@@ -224,6 +252,120 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         preemption.uninstall()
         writer.close()
     return last_eval
+
+
+class _Window:
+    """Throughput since the last log: steps, wall time, real target tokens, model FLOPs, a data fingerprint."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.tokens, self.flops, self.fingerprint = time.perf_counter(), 0, 0, 0.0, 0
+
+    def add(self, batch: dict[str, np.ndarray], model_cfg: network.TransformerConfig) -> None:
+        targets = batch["decoder_target_tokens"]
+        self.steps += 1
+        self.tokens += int(np.sum(targets > 0))
+        rows, input_length = batch["encoder_input_tokens"].shape
+        self.flops += flops.train_flops(model_cfg, rows, input_length, targets.shape[1]) * jax.process_count()
+        self.fingerprint = zlib.crc32(np.ascontiguousarray(targets), self.fingerprint)
+
+    def values(self, peak_flops: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        return {
+            "perf/step_time": elapsed / max(self.steps, 1),
+            "perf/target_tokens_per_sec": self.tokens * jax.process_count() / elapsed,
+            "perf/mfu": self.flops / (elapsed * peak_flops * jax.device_count()),
+            "data/fingerprint": float(self.fingerprint),  # crc32 of the targets seen since the last log
+        }
+
+
+def _precompiled(train_step, state, plan, task, mesh, rules, verbose: bool):
+    """``train_step`` compiled ahead for every batch shape of the bucket plan (two at a time: XLA compiles on one
+    core), so that no step waits for a compilation; a shape outside the plan still compiles on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sharding = partitioning.batch_sharding(mesh, rules)
+    lengths = task.lengths
+    rng = jax.random.key(0)
+
+    def abstract_batch(rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        inputs, targets = min(length, lengths["inputs"]), min(length, lengths["targets"])
+        shape = {"encoder_input_tokens": inputs, "decoder_input_tokens": targets, "decoder_target_tokens": targets}
+        batch = {key: jax.ShapeDtypeStruct((rows, n), np.int32, sharding=sharding) for key, n in shape.items()}
+        batch["decoder_loss_weights"] = jax.ShapeDtypeStruct((rows, targets), np.float32, sharding=sharding)
+        return batch
+
+    def compile_one(shape: tuple[int, int]):
+        batch = abstract_batch(*shape)
+        key = tuple(sorted((name, value.shape) for name, value in batch.items()))
+        return key, train_step.lower(state, batch, rng).compile()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        compiled = dict(pool.map(compile_one, plan.shapes()))
+    if verbose:
+        print(f"compiled the train step for {len(compiled)} batch shapes in {time.perf_counter() - started:.0f} s")
+
+    def step(state, batch, rng):
+        key = tuple(sorted((name, value.shape) for name, value in batch.items()))
+        function = compiled.get(key)
+        return function(state, batch, rng) if function is not None else train_step(state, batch, rng)
+
+    return step
+
+
+class EarlyStopping:
+    """fairseq's ``--patience``: stop when ``metric`` has not improved for ``patience`` evaluations in a row
+    (0: never). Its state travels in the checkpoint, so a resumed run counts on exactly."""
+
+    STATE_KEY = "t5x_lite_early_stopping"
+
+    def __init__(self, metric: str, mode: str, patience: int) -> None:
+        if patience < 0:
+            raise ValueError(f"early_stopping_patience={patience} must be >= 0 (0 turns early stopping off)")
+        self.metric, self.mode, self.patience = metric, mode, int(patience)
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+
+    def update(self, eval_metrics: dict[str, float]) -> None:
+        if self.metric not in eval_metrics:
+            if self.patience:
+                raise ValueError(
+                    f"early_stopping_patience needs best_metric={self.metric!r} from every evaluation, which gave "
+                    f"{sorted(eval_metrics)}; set best_metric to one of them"
+                )
+            return
+        value = float(eval_metrics[self.metric])
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.evals_without_improvement = value, 0
+        else:
+            self.evals_without_improvement += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.evals_without_improvement >= self.patience
+
+    def values(self) -> dict[str, float]:
+        if self.best is None:
+            return {}
+        return {
+            f"{self.metric}_best": self.best,
+            "eval/evals_without_improvement": float(self.evals_without_improvement),
+        }
+
+    def message(self, step: int) -> str:
+        return (
+            f"early stopping at step {step}: {self.metric} has not improved on {self.best:.4g} for "
+            f"{self.evals_without_improvement} evaluations (early_stopping_patience={self.patience})"
+        )
+
+    def state(self) -> dict[str, float | int | None]:
+        return {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.best = state.get("best")
+            self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
 
 
 def _nonfinite(loss: float, step: int, checkpointer: checkpoints.Checkpointer, workdir: str) -> TrainingError:

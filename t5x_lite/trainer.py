@@ -143,9 +143,11 @@ def _loss_sums(
     dropout_rng: jax.Array | None,
     label_smoothing: float,
     z_loss: float,
+    loss_chunk_tokens: int = 0,
 ) -> dict[str, jax.Array]:
-    """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given."""
-    logits = network.Transformer(model_cfg).apply(
+    """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given.
+    ``loss_chunk_tokens`` > 0 fuses the output projection into the loss (``losses.projected_cross_entropy``)."""
+    outputs = network.Transformer(model_cfg).apply(
         {"params": params},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
@@ -155,10 +157,21 @@ def _loss_sums(
         batch.get("encoder_positions"),
         batch.get("decoder_positions"),
         enable_dropout=dropout_rng is not None,
+        return_hidden=loss_chunk_tokens > 0,
         rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
     )
+    if loss_chunk_tokens > 0:
+        return losses.projected_cross_entropy(
+            outputs,
+            network.output_projection(model_cfg, params),
+            batch["decoder_target_tokens"],
+            batch.get("decoder_loss_weights"),
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            chunk_tokens=loss_chunk_tokens,
+        )
     return losses.cross_entropy(
-        logits,
+        outputs,
         batch["decoder_target_tokens"],
         batch.get("decoder_loss_weights"),
         label_smoothing=label_smoothing,
@@ -225,6 +238,7 @@ def train_step(
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
+    loss_chunk_tokens: int = 0,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on ``batch``; returns the new state and scalar metrics.
 
@@ -241,13 +255,13 @@ def train_step(
     """
     losses.normalize({"loss": 0.0, "z_loss": 0.0, "weight_sum": 1.0, "correct": 0.0}, normalization)  # validate
     step_rng = jax.random.fold_in(rng, state.step)
-    use_dropout = model_cfg.dropout_rate > 0
+    use_dropout = model_cfg.uses_dropout
 
     def sums_and_grads(params: Any, microbatch: Batch, index: jax.Array) -> tuple[dict[str, jax.Array], Any]:
         dropout_rng = jax.random.fold_in(step_rng, index) if use_dropout else None
 
         def loss_sum(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            sums = _loss_sums(params, microbatch, model_cfg, dropout_rng, label_smoothing, z_loss)
+            sums = _loss_sums(params, microbatch, model_cfg, dropout_rng, label_smoothing, z_loss, loss_chunk_tokens)
             return sums["loss"], sums
 
         (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
@@ -297,10 +311,11 @@ def eval_step(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+    loss_chunk_tokens: int = 0,
 ) -> Metrics:
     """Metrics of one batch without dropout: this batch's normalized ``loss``, ``z_loss`` and ``accuracy``, and the
     sums (``loss_sum``, ``z_loss_sum``, ``correct``, ``weight_sum``) to add over batches and normalize once."""
-    sums = _loss_sums(params, batch, model_cfg, None, label_smoothing, z_loss)
+    sums = _loss_sums(params, batch, model_cfg, None, label_smoothing, z_loss, loss_chunk_tokens)
     metrics = losses.normalize(sums, normalization)
     metrics.update(
         loss_sum=sums["loss"], z_loss_sum=sums["z_loss"], correct=sums["correct"], weight_sum=sums["weight_sum"]
@@ -325,6 +340,7 @@ def compile_train_step(
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
+    loss_chunk_tokens: int = 0,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``train_step`` jit-compiled for ``mesh``: the state sharded by ``state_shardings`` and donated (argument 0;
     do not reuse the state passed in), the batch by ``partitioning.batch_sharding``, the rng and the metrics
@@ -341,6 +357,7 @@ def compile_train_step(
         normalization=normalization,
         schedule=schedule,
         skip_nonfinite=skip_nonfinite,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return jax.jit(
         step,
@@ -358,10 +375,16 @@ def compile_eval_step(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     normalization: str | float = losses.NUM_REAL_TARGET_TOKENS,
+    loss_chunk_tokens: int = 0,
 ) -> Callable[[Any, Batch], Metrics]:
     """``eval_step`` jit-compiled for ``mesh`` (parameters as in training, batch sharded, metrics replicated)."""
     step = functools.partial(
-        eval_step, model_cfg=model_cfg, label_smoothing=label_smoothing, z_loss=z_loss, normalization=normalization
+        eval_step,
+        model_cfg=model_cfg,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        normalization=normalization,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return jax.jit(
         step,

@@ -11,14 +11,14 @@ Evaluation: every example exactly once, in source order; the last batch is padde
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
-from t5x_lite.data import preprocessors
+from t5x_lite.data import bucketing, preprocessors
 from t5x_lite.data.tasks import Mixture, Task
 
 
@@ -107,6 +107,10 @@ def train_dataset(
     on_overflow: str = "truncate",
     read_threads: int = 0,
     prefetch: int = 0,
+    batch_tokens: int = 0,
+    bucket_boundaries: Sequence[int] = (),
+    row_multiple: int = 8,
+    plan: bucketing.BucketPlan | None = None,
 ) -> grain.IterDataset:
     """Batches of model features ([local_batch, length] int32 arrays) for training; infinite by default.
 
@@ -114,7 +118,42 @@ def train_dataset(
     which on a few CPU cores is several times faster than Grain's default of 16 threads (see data_bench.py).
     ``prefetch`` > 0 prepares that many batches ahead on a background thread, overlapping the train step; the
     iterator state still points at the next batch the caller will receive.
+
+    ``batch_tokens`` > 0 replaces ``batch_size`` rows of fixed length by length-bucketed batches of at most that
+    many padded tokens (``bucketing.py``; ``row_multiple`` divides every batch's rows, ``bucket_boundaries`` are
+    the padded lengths, default ``bucketing.default_boundaries``; ``plan``, from ``bucket_plan`` with the same
+    arguments, saves measuring the split again); ``pack`` must then be False.
     """
+    if batch_tokens:
+        if pack:
+            raise ValueError(
+                f"batch_tokens={batch_tokens} makes length-bucketed batches, which are not packed; set pack=False"
+            )
+        plan = plan or bucket_plan(
+            task,
+            vocab,
+            batch_tokens=batch_tokens,
+            boundaries=bucket_boundaries,
+            row_multiple=row_multiple,
+            seed=seed,
+            split=split,
+            data_dir=data_dir,
+            tfds_data_dir=tfds_data_dir,
+            lengths=lengths,
+            counter=counter,
+            on_overflow=on_overflow,
+        )
+        batches = bucketing.BucketedBatches(
+            plan,
+            _feature_lengths(task, lengths),
+            shard_index=shard.index,
+            shard_count=shard.count,
+            num_epochs=num_epochs,
+        )
+        stream = batches.map(preprocessors.to_model_features).to_iter_dataset(grain.ReadOptions(num_threads=0))
+        if prefetch:
+            stream = grain_experimental.ThreadPrefetchIterDataset(stream, prefetch_buffer_size=prefetch)
+        return stream
     local_batch = shard.local_batch_size(batch_size)
     if isinstance(task, Mixture):
         parts = [
@@ -142,6 +181,65 @@ def train_dataset(
     if prefetch:
         batches = grain_experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
     return batches
+
+
+def bucket_plan(
+    task: Task | Mixture,
+    vocab,
+    *,
+    batch_tokens: int,
+    boundaries: Sequence[int] = (),
+    row_multiple: int = 8,
+    seed: int = 0,
+    split: str = "train",
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    lengths: Mapping[str, int] | None = None,
+    counter: preprocessors.TruncationCounter | None = None,
+    on_overflow: str = "truncate",
+) -> bucketing.BucketPlan:
+    """The length buckets of a seq2seq task's split: tokenizes the whole split once, into memory, and measures it."""
+    examples = _tokenized_split(task, vocab, split, seed, data_dir, tfds_data_dir, counter, on_overflow, lengths)
+    examples = bucketing.TokenizedExamples.collect(examples)
+    feature_lengths = _feature_lengths(task, lengths)
+    return bucketing.BucketPlan.build(
+        examples.lengths(),
+        batch_tokens=batch_tokens,
+        boundaries=tuple(boundaries) or bucketing.default_boundaries(max(feature_lengths.values())),
+        row_multiple=row_multiple,
+        seed=seed,
+        examples=examples,
+    )
+
+
+def _feature_lengths(task: Task, lengths: Mapping[str, int] | None) -> dict[str, int]:
+    lengths = lengths or task.lengths
+    return {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
+
+
+def _tokenized_split(
+    task: Task | Mixture,
+    vocab,
+    split: str,
+    seed: int,
+    data_dir: str | None,
+    tfds_data_dir: str | None,
+    counter: preprocessors.TruncationCounter | None,
+    on_overflow: str,
+    lengths: Mapping[str, int] | None = None,
+) -> grain.MapDataset:
+    """A seq2seq task's split, tokenized on access, in source order (bucketed batching shuffles by itself)."""
+    if isinstance(task, Mixture) or task.objective != "seq2seq":
+        raise ValueError(
+            f"task {task.name!r}: length-bucketed batches (batch_tokens > 0) need one seq2seq task; "
+            "use batch_tokens=0 with pack=True for mixtures and span corruption"
+        )
+    if lengths:
+        task = dataclasses.replace(task, lengths=_feature_lengths(task, lengths))
+    source = task.get_source(split, data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+    if len(source) == 0:
+        raise ValueError(f"task {task.name!r}: split {split!r} is empty")
+    return _tokenized(task, grain.MapDataset.source(source), vocab, seed, counter, on_overflow)
 
 
 def _shuffled_tokens(

@@ -52,6 +52,7 @@ class _Fields:
     references: str | None = None  # ... or a list feature whose first item is the target
     tok_references: str | None = None
     targets_empty: bool = False  # c4-style: inputs only
+    reference_text: str | None = None  # a text feature scored as the reference when the targets are another form
 
 
 def _text(value: Any) -> str:
@@ -64,6 +65,8 @@ def _make_record(index: int, raw: dict[str, Any], fields: _Fields) -> dict[str, 
     else:
         references = [""] if fields.targets_empty else [_text(raw[fields.targets])]
     record = {"id": index, "inputs": _text(raw[fields.inputs]), "targets": references[0], "references": references}
+    if fields.reference_text:  # e.g. trained on tokenized text, scored by sacreBLEU against the raw text
+        record["references"] = [_text(raw[fields.reference_text])]
     if fields.tok_references:
         record["tok_references"] = [_text(raw[fields.tok_references])]
     return record
@@ -401,7 +404,7 @@ def _local_fields(name: str, split: str, metadata: dict, options: dict) -> _Fiel
     if name in ("aeslc", "scitldr"):
         _check_options(name, options, ())
         return _Fields(inputs="body" if name == "aeslc" else "source", references="references")
-    _check_options(name, options, ("src_lang", "tgt_lang"))
+    _check_options(name, options, ("src_lang", "tgt_lang", "text") if name == "multi30k" else ("src_lang", "tgt_lang"))
     builder = _BUILDERS[name]
     if name == "multi30k":
         src, tgt = _pair(name, builder.LANGUAGES, ("en", "de"), options.get("src_lang"), options.get("tgt_lang"))
@@ -414,7 +417,18 @@ def _local_fields(name: str, split: str, metadata: dict, options: dict) -> _Fiel
                     f"{lang!r} exists for {', '.join(where)}"
                 )
         tok = f"tok_{tgt}" if tgt in metadata["tok_languages"][split] else None
-        return _Fields(inputs=src, targets=tgt, tok_references=tok)
+        text = options.get("text", "raw")
+        if text == "raw":
+            return _Fields(inputs=src, targets=tgt, tok_references=tok)
+        if text != "tok":
+            raise ValueError(f"multi30k: text={text!r} is unknown; use 'raw' (cased text) or 'tok' (tok/ files)")
+        missing = [lang for lang in (src, tgt) if lang not in metadata["tok_languages"][split]]
+        if missing:
+            raise ValueError(
+                f"multi30k split {split!r} has no tokenized {missing[0]!r} text (tok/ has en and de only); "
+                "use text='raw'"
+            )
+        return _Fields(inputs=f"tok_{src}", targets=f"tok_{tgt}", tok_references=tok, reference_text=tgt)
     default = ("de", "en") if name == "iwslt14_de_en" else builder.TEXT
     src, tgt = _pair(name, builder.TEXT, default, options.get("src_lang"), options.get("tgt_lang"))
     return _Fields(inputs=src, targets=tgt, tok_references=tgt if name == "iwslt14_de_en" else None)

@@ -22,6 +22,7 @@ import numpy as np
 
 from t5x_lite.data import preprocessors
 
+TARGET_FORMATS = ("text", "moses_lc_tok")
 LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "cs": "Czech", "ro": "Romanian"}
 
 
@@ -45,12 +46,19 @@ class Task:
     vocab_size: int = 8000  # SentencePiece pieces trained on the train split (plus extra_ids sentinels)
     vocab_path: str | None = None  # a SentencePiece model to use instead of training one
     vocab_training_examples: int = 200_000
+    vocab_model_type: str = "unigram"  # SentencePiece model type of a trained vocabulary (T5: unigram)
+    extra_ids: int = 100  # sentinel ids after the pieces (T5's 100; span corruption needs them, translation not)
+    target_format: str = "text"  # "text", or "moses_lc_tok": targets are lowercased Moses-tokenized text
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     postprocess: Callable[[str], str] = str.strip
     description: str = ""
 
     def __post_init__(self) -> None:
+        if self.target_format not in TARGET_FORMATS:
+            raise ValueError(
+                f"Task {self.name!r}: target_format={self.target_format!r} is unknown; use one of {TARGET_FORMATS}"
+            )
         if self.objective not in ("seq2seq", "span_corruption"):
             raise ValueError(
                 f"Task {self.name!r}: objective={self.objective!r} is unknown; use seq2seq or span_corruption"
@@ -195,11 +203,14 @@ def task_vocabulary(
     cache_dir: str | None = None,
     data_dir: str | None = None,
     tfds_data_dir: str | None = None,
-    extra_ids: int = 100,
+    extra_ids: int | None = None,
 ):
-    """The task's SentencePiece vocabulary: ``vocab_path`` if set, else trained on its train split (cached)."""
+    """The task's SentencePiece vocabulary: ``vocab_path`` if set, else trained on its train split (cached), with
+    the task's ``extra_ids`` sentinels unless ``extra_ids`` is given."""
     from t5x_lite.data.vocab import Vocabulary, train_vocabulary
 
+    if extra_ids is None:
+        extra_ids = (task.tasks()[0] if isinstance(task, Mixture) else task).extra_ids
     if isinstance(task, Mixture):
         texts = [
             text for t in task.tasks() for text in t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir)
@@ -213,6 +224,7 @@ def task_vocabulary(
             cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
             name=task.name,
             extra_ids=extra_ids,
+            model_type=first.vocab_model_type,
         )
     if task.vocab_path:
         return Vocabulary(task.vocab_path, extra_ids=extra_ids)
@@ -222,6 +234,7 @@ def task_vocabulary(
         cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
         name=task.name,
         extra_ids=extra_ids,
+        model_type=task.vocab_model_type,
     )
 
 
@@ -252,6 +265,26 @@ def _register_builtin_tasks() -> None:
                 vocab_size=8000,
                 description=f"Multi30k captions {src}->{tgt} (WMT16-18 multimodal task 1, text only)",
             )
+    for src, tgt in (("en", "de"), ("de", "en")):
+        # The published Transformer-tiny baselines' setting (Wu et al. 2021): the official lowercased,
+        # Moses-tokenized files, no task prefix, a joint BPE vocabulary, no sentinels.
+        TaskRegistry.add(
+            f"multi30k_{src}{tgt}_tok",
+            splits={
+                "train": ("multi30k", "train"),
+                "validation": ("multi30k", "val"),
+                "test_2016_flickr": ("multi30k", "test_2016_flickr"),
+                "test_2017_flickr": ("multi30k", "test_2017_flickr"),
+            },
+            source_options={"src_lang": src, "tgt_lang": tgt, "text": "tok"},
+            metrics=("bleu", "tok_bleu"),
+            lengths={"inputs": 64, "targets": 64},
+            vocab_size=8000,
+            vocab_model_type="bpe",
+            extra_ids=0,
+            target_format="moses_lc_tok",
+            description=f"Multi30k {src}->{tgt} on the official lowercased tokenized files (tok/), no prefix",
+        )
     for src, tgt in (("en", "de"), ("de", "en")):
         TaskRegistry.add(
             f"wmt14_{src}{tgt}",
