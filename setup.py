@@ -35,5 +35,6 @@ setup(
         "tf": ["tensorflow-cpu"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        "plot": ["matplotlib>=3.7"],  # learning curves of experiments/translation_report.py
     },
 )

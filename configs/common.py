@@ -39,6 +39,7 @@ _CLASSIC = dict(
     # fairseq's `transformer` (and Vaswani et al.'s P_drop): dropout on embeddings and sublayer outputs only.
     attention_dropout_rate=0.0,
     activation_dropout_rate=0.0,
+    init_scheme="fairseq",  # Xavier attention and torch-default MLP weights: T5's fan-in init learns far slower here
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -31,6 +31,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITION_EMBEDDINGS = ("relative", "sinusoidal", "learned")
 REMAT_POLICIES = ("none", "minimal", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+INIT_SCHEMES = ("t5", "fairseq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TransformerConfig:
     remat_policy: str = "none"  # none | minimal (save matmul outputs) | full (save nothing)
     attention_kernel: str = "einsum"  # einsum (any mask, dropout) | xla | cudnn (GPU flash attention, bf16)
     dropout_generator: str = "threefry"  # random bits of dropout masks: threefry (flax's) | hash (cheap on CPUs)
+    init_scheme: str = "t5"  # initial weights: t5 (T5X's fan-in scaling) | fairseq (Xavier attention, torch MLP)
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -93,6 +95,7 @@ class TransformerConfig:
             "param_dtype": DTYPES,
             "attention_kernel": layers.ATTENTION_KERNELS,
             "dropout_generator": layers.DROPOUT_GENERATORS,
+            "init_scheme": INIT_SCHEMES,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -178,6 +181,13 @@ def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
 
 
 def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
+    inits = {}
+    if cfg.init_scheme == "fairseq":  # fairseq's MultiheadAttention.reset_parameters
+        inits = dict(
+            kernel_init=layers.xavier_uniform(1 / math.sqrt(2)),
+            out_kernel_init=layers.xavier_uniform(),
+            bias_init="fan_in_uniform",
+        )
     return layers.MultiHeadAttention(
         num_heads=cfg.num_heads,
         d_kv=cfg.head_dim,
@@ -189,6 +199,7 @@ def _attention(cfg: TransformerConfig, name: str) -> layers.MultiHeadAttention:
         kernel=cfg.attention_kernel,
         dropout_generator=cfg.dropout_generator,
         name=name,
+        **inits,
     )
 
 
@@ -226,6 +237,9 @@ def _fused_mask(
 
 
 def _mlp(cfg: TransformerConfig) -> layers.MlpBlock:
+    inits = {}
+    if cfg.init_scheme == "fairseq":  # fairseq's fc1 / fc2 are torch.nn.Linear with its default init
+        inits = dict(kernel_init=layers.torch_linear_kernel_init, bias_init="fan_in_uniform")
     return layers.MlpBlock(
         d_ff=cfg.d_ff,
         activation=cfg.mlp_activation,
@@ -235,6 +249,7 @@ def _mlp(cfg: TransformerConfig) -> layers.MlpBlock:
         dtype=cfg.activation_dtype,
         param_dtype=cfg.parameter_dtype,
         name="mlp",
+        **inits,
     )
 
 
@@ -557,6 +572,11 @@ class Decoder(nn.Module):
                 kernel_axes=("embed", "vocab"),
                 dtype=cfg.activation_dtype,
                 param_dtype=cfg.parameter_dtype,
+                kernel_init=(
+                    nn.initializers.normal(stddev=cfg.d_model**-0.5)  # fairseq's output_projection
+                    if cfg.init_scheme == "fairseq"
+                    else layers.default_kernel_init
+                ),
                 name="logits_dense",
             )(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -80,6 +80,7 @@ def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dic
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
+    launched = time.time()
     # ------------------------------------------------------------------------------------------- setup
     os.makedirs(workdir, exist_ok=True)
     task = TaskRegistry.get(config.task)
@@ -179,12 +180,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         loss_chunk_tokens=loss_chunk_tokens,
     )
     if plan is not None and start_step < end_step:
-        train_step = _precompiled(train_step, state, plan, task, mesh, rules, verbose=is_chief)
+        started = time.perf_counter()
+        shapes = pipeline.bucket_batch_shapes(plan, task.lengths)
+        train_step = trainer.precompile_train_step(train_step, state, shapes, mesh, rules)
+        if is_chief:
+            print(f"compiled the train step for {len(shapes)} batch shapes in {time.perf_counter() - started:.0f} s")
     eval_fn = trainer.compile_eval_step(model_cfg, mesh, rules, loss_chunk_tokens=loss_chunk_tokens)
     peak_flops, peak_source = flops.peak_flops_per_device()
     if is_chief:
         print(f"peak {peak_flops:.3g} FLOP/s per device ({peak_source})")
     writer = metrics.MetricWriter(workdir, enabled=is_chief)
+    writer.write(start_step, {"perf/launched": launched})  # when this command started (wall-clock curves)
     preemption = checkpoints.install_preemption_handler()
     rng = jax.random.key(config.seed)
     last_eval: dict[str, float] = {}
@@ -218,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 if evaluated:
                     last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
                     stopper.update(last_eval)
-                    writer.write(done, {**last_eval, **stopper.values()})
+                    writer.write(done, {**last_eval, **stopper.values(), "perf/wall_time": time.time()})
                     logging.info("step %d: %s", done, last_eval)
                     window = _Window()  # the next throughput figure leaves the evaluation out
                 stop = evaluated and stopper.should_stop
@@ -275,42 +281,8 @@ class _Window:
             "perf/target_tokens_per_sec": self.tokens * jax.process_count() / elapsed,
             "perf/mfu": self.flops / (elapsed * peak_flops * jax.device_count()),
             "data/fingerprint": float(self.fingerprint),  # crc32 of the targets seen since the last log
+            "perf/wall_time": time.time(),  # seconds since the epoch: learning curves against wall-clock time
         }
-
-
-def _precompiled(train_step, state, plan, task, mesh, rules, verbose: bool):
-    """``train_step`` compiled ahead for every batch shape of the bucket plan (two at a time: XLA compiles on one
-    core), so that no step waits for a compilation; a shape outside the plan still compiles on first use."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    sharding = partitioning.batch_sharding(mesh, rules)
-    lengths = task.lengths
-    rng = jax.random.key(0)
-
-    def abstract_batch(rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-        inputs, targets = min(length, lengths["inputs"]), min(length, lengths["targets"])
-        shape = {"encoder_input_tokens": inputs, "decoder_input_tokens": targets, "decoder_target_tokens": targets}
-        batch = {key: jax.ShapeDtypeStruct((rows, n), np.int32, sharding=sharding) for key, n in shape.items()}
-        batch["decoder_loss_weights"] = jax.ShapeDtypeStruct((rows, targets), np.float32, sharding=sharding)
-        return batch
-
-    def compile_one(shape: tuple[int, int]):
-        batch = abstract_batch(*shape)
-        key = tuple(sorted((name, value.shape) for name, value in batch.items()))
-        return key, train_step.lower(state, batch, rng).compile()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        compiled = dict(pool.map(compile_one, plan.shapes()))
-    if verbose:
-        print(f"compiled the train step for {len(compiled)} batch shapes in {time.perf_counter() - started:.0f} s")
-
-    def step(state, batch, rng):
-        key = tuple(sorted((name, value.shape) for name, value in batch.items()))
-        function = compiled.get(key)
-        return function(state, batch, rng) if function is not None else train_step(state, batch, rng)
-
-    return step
 
 
 class EarlyStopping:

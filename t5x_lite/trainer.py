@@ -391,3 +391,43 @@ def compile_eval_step(
         in_shardings=(partitioning.param_shardings(model_cfg, mesh, rules), partitioning.batch_sharding(mesh, rules)),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
+
+
+def precompile_train_step(
+    train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
+    state: TrainState,
+    batch_shapes: list[dict[str, tuple[int, ...]]],
+    mesh: Mesh,
+    rules: str | partitioning.Rules,
+    *,
+    threads: int = 2,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """``train_step`` (from ``compile_train_step``) compiled ahead of time for every batch shape, ``threads`` at a
+    time (XLA compiles one program on one core), so that no step of a length-bucketed run waits for a compilation.
+    The returned function dispatches on the batch's shapes; a shape not listed compiles on first use as before.
+    Shapes map feature names to global [rows, length] shapes; ``decoder_loss_weights`` is float32, the rest int32."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sharding = partitioning.batch_sharding(mesh, rules)
+    rng = jax.random.key(0)
+
+    def signature(batch: Any) -> tuple:
+        return tuple(sorted((name, tuple(value.shape)) for name, value in batch.items()))
+
+    def compile_one(shapes: dict[str, tuple[int, ...]]):
+        batch = {
+            name: jax.ShapeDtypeStruct(
+                shape, jnp.float32 if name == "decoder_loss_weights" else jnp.int32, sharding=sharding
+            )
+            for name, shape in shapes.items()
+        }
+        return signature(batch), train_step.lower(state, batch, rng).compile()
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        compiled = dict(pool.map(compile_one, batch_shapes))
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        function = compiled.get(signature(batch))
+        return function(state, batch, rng) if function is not None else train_step(state, batch, rng)
+
+    return step

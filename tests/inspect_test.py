@@ -55,3 +55,17 @@ def test_inspect_unknown_task_is_one_line_error(capsys):
     assert inspect.main(["--task", "no_such_task"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown task 'no_such_task'; registered tasks:") and err.count("\n") == 1
+
+
+def test_inspect_reports_bucketed_batches_and_their_padding(tmp_path, capsys):
+    code = inspect.main(
+        ["--task", "synthetic_numbers", "--split", "validation", "--num", "0", "--stats_examples", "50"]
+        + ["--batch_tokens", "256", "--vocab_cache_dir", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "length-bucketed batches of <= 256 tokens (validation, one epoch)" in out
+    fractions = [
+        float(line.split(":")[-1].strip().rstrip("%")) for line in out.splitlines() if "padding fraction" in line
+    ]
+    assert len(fractions) == 2 and all(0.0 <= f < 50.0 for f in fractions)

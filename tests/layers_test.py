@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +174,68 @@ def test_mlp_block_matches_numpy(activation):
         assert set(p) == {"wi", "wo"}
         hidden = act(x @ p["wi"])
     np.testing.assert_allclose(y, hidden @ p["wo"], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- dropout bits
+
+
+def test_hash_bits_are_uniform_and_keyed():
+    shape = (256, 512)
+    key = jax.random.key(3)
+    bits = np.asarray(layers.hash_bits(key, shape))
+    again = np.asarray(layers.hash_bits(key, shape))
+    other = np.asarray(layers.hash_bits(jax.random.key(4), shape))
+    np.testing.assert_array_equal(bits, again)
+    assert np.mean(bits == other) < 1e-3
+    bound = 4.5 / np.sqrt(bits.size)  # 4.5 standard deviations of a correlation between independent samples
+
+    def correlation(a, b):
+        return abs(np.corrcoef(a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64))[0, 1])
+
+    for word in (bits, other):
+        # each of the 32 bits is set half the time, and neighbours (in a row, across rows) do not correlate
+        ones = np.unpackbits(word.view(np.uint8)).reshape(-1, 32).mean(axis=0)
+        assert np.abs(ones - 0.5).max() < 0.01
+        flat = word.reshape(-1)
+        assert correlation(flat[:-1], flat[1:]) < bound and correlation(flat[:-2], flat[2:]) < bound
+        assert correlation(word[:-1], word[1:]) < bound
+    assert correlation(bits, other) < bound
+
+
+def test_hash_bits_are_a_function_of_the_index_not_the_shape_of_the_call():
+    key = jax.random.key(5)
+    whole = np.asarray(layers.hash_bits(key, (4, 6, 8)))
+    flat = np.asarray(layers.hash_bits(key, (4 * 6 * 8,)))
+    np.testing.assert_array_equal(whole.reshape(-1), flat)
+
+
+@pytest.mark.parametrize("generator", layers.DROPOUT_GENERATORS)
+def test_dropout_keeps_the_expected_fraction_and_scales(generator):
+    x = jnp.ones((200, 100))
+    module = layers.Dropout(rate=0.3, generator=generator)
+    y = np.asarray(module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.01
+    np.testing.assert_allclose(y[kept], 1 / 0.7, rtol=1e-6)
+    np.testing.assert_array_equal(module.apply({}, x, deterministic=True), x)
+
+
+def test_threefry_dropout_equals_flax_dropout():
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    rngs = {"dropout": jax.random.key(2)}
+    ours = layers.Dropout(rate=0.25).apply({}, x, deterministic=False, rngs=rngs)
+    flax_dropout = nn.Dropout(rate=0.25).apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(ours, flax_dropout)
+
+
+def test_unknown_dropout_generator_is_named():
+    with pytest.raises(ValueError, match="dropout generator 'philox' is unknown"):
+        layers.Dropout(rate=0.1, generator="philox").apply(
+            {}, jnp.ones(4), deterministic=False, rngs={"dropout": jax.random.key(0)}
+        )
+
+
+def test_sinusoidal_table_equals_the_formula():
+    table = layers.sinusoidal_table(50, 17)
+    np.testing.assert_allclose(table, np.asarray(layers.sinusoidal_positions(jnp.arange(50), 17)), atol=2e-5)
+    assert not table.flags.writeable

@@ -206,3 +206,44 @@ def test_custom_gradient_equals_autodiff_of_the_plain_formula(batch, label_smoot
     z_metric = lambda x: losses.cross_entropy(x, targets, weights, z_loss=z_loss)["z_loss"]
     plain_z = lambda x: jnp.sum(z_loss * jax.nn.logsumexp(x, axis=-1) ** 2 * weights)
     np.testing.assert_allclose(jax.grad(z_metric)(logits), jax.grad(plain_z)(logits), rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- fused projection
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 1000])
+@pytest.mark.parametrize(("label_smoothing", "z_loss"), [(0.0, 0.0), (0.1, 0.0), (0.2, 1e-2)])
+def test_projected_cross_entropy_equals_the_loss_of_the_logits(chunk_tokens, label_smoothing, z_loss):
+    """The fused, chunked projection + loss: the same sums and the same gradients in hidden and projection as
+    ``cross_entropy`` of ``hidden @ projection``, whatever the chunking (1 token: a chunk per row; 1000: one)."""
+    rng = np.random.default_rng(1)
+    batch, length, d_model, vocab = 6, 5, 8, 13
+    hidden = jnp.asarray(rng.standard_normal((batch, length, d_model)), jnp.float32)
+    projection = jnp.asarray(rng.standard_normal((d_model, vocab)), jnp.float32)
+    targets = rng.integers(1, vocab, (batch, length)).astype(np.int32)
+    targets[0, 2:] = 0
+    weights = (targets > 0).astype(np.float32)
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+
+    def unfused(h, p):
+        sums = losses.cross_entropy(jnp.einsum("bld,dv->blv", h, p), targets, weights, **options)
+        return sums["loss"], sums
+
+    def fused(h, p):
+        sums = losses.projected_cross_entropy(h, p, targets, weights, chunk_tokens=chunk_tokens, **options)
+        return sums["loss"], sums
+
+    (want, want_sums), want_grads = jax.value_and_grad(unfused, argnums=(0, 1), has_aux=True)(hidden, projection)
+    (got, got_sums), got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, projection)
+    for key in ("loss", "z_loss", "weight_sum", "correct"):
+        np.testing.assert_allclose(got_sums[key], want_sums[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+    no_grad = jax.jit(lambda h, p: fused(h, p)[1])(hidden, projection)  # the primal path (evaluation)
+    np.testing.assert_allclose(no_grad["loss"], want, rtol=1e-5)
+
+
+def test_projected_cross_entropy_chunks_divide_the_batch():
+    assert losses._num_chunks(batch=12, length=5, chunk_tokens=10) == 6  # 2 rows = 10 tokens per chunk
+    assert losses._num_chunks(batch=7, length=5, chunk_tokens=10) == 1  # 7 is prime: one chunk of all rows
+    assert losses._num_chunks(batch=8, length=64, chunk_tokens=10) == 8  # at least one row per chunk

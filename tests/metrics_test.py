@@ -149,6 +149,23 @@ def test_compute_metrics_gives_flat_scores_and_bleu_signatures():
     assert "tok:intl" in report.signatures["bleu_intl"]
 
 
+def test_tokenized_targets_are_scored_verbatim_and_detokenized_for_sacrebleu():
+    """A model trained on Multi30k's tok/ files writes lowercased tokenized text with Moses' entities: tok_bleu takes
+    it as it is (tokenizing it again would escape the escapes), sacreBLEU scores its detokenized form, lowercased."""
+    prediction = "a man &apos;s hat , &quot; red &quot; ."
+    assert metrics.moses_tokenize(prediction, "en") != prediction  # why verbatim: "&" would become "&amp;"
+    assert metrics.moses_detokenize(prediction, "en") == 'a man\'s hat, "red".'
+    assert metrics.moses_detokenize("", "en") == ""
+    records = [{"references": ['A man\'s hat, "red".'], "tok_references": [prediction]}]
+    report = metrics.compute_metrics(
+        ["bleu", "tok_bleu"], [prediction], records, target_lang="en", target_format="moses_lc_tok"
+    )
+    assert report.scores["tok_bleu"] == pytest.approx(100.0) and report.scores["bleu"] == pytest.approx(100.0)
+    assert "case:lc" in report.signatures["bleu"] and "tok:none" in report.signatures["tok_bleu"]
+    plain = metrics.compute_metrics(["tok_bleu"], [prediction], records, target_lang="en")
+    assert plain.scores["tok_bleu"] < 100.0
+
+
 def test_bad_inputs_raise_clear_errors():
     records = [{"references": [CAT]}]
     with pytest.raises(ValueError, match="2 predictions but 1 records"):

@@ -394,3 +394,57 @@ def test_cudnn_kernel_refuses_odd_lengths_with_a_position_bias():
     inputs, targets = _tokens((2, 7), 34), _tokens((2, 4), 35)
     with pytest.raises(ValueError, match=r"needs even lengths, not 7 queries x 7 keys; pad the batch"):
         Transformer(cfg).apply({"params": params}, inputs, targets, targets)
+
+
+# ----------------------------------------------------------------------------------------------- dropout placement
+
+
+def test_dropout_rates_default_to_dropout_rate_and_are_validated():
+    t5 = TransformerConfig(**SMALL, dropout_rate=0.1)
+    assert (t5.attention_dropout, t5.activation_dropout, t5.uses_dropout) == (0.1, 0.1, True)
+    classic = get_model_config("transformer_tiny")
+    assert (classic.dropout_rate, classic.attention_dropout, classic.activation_dropout) == (0.3, 0.0, 0.0)
+    only_attention = TransformerConfig(**SMALL, attention_dropout_rate=0.2)
+    assert only_attention.uses_dropout and only_attention.activation_dropout == 0.0
+    with pytest.raises(ValueError, match=r"attention_dropout_rate=1.5: must be in \[0, 1\) or None"):
+        TransformerConfig(**SMALL, attention_dropout_rate=1.5)
+    with pytest.raises(ValueError, match="dropout_generator='mt19937': is unknown"):
+        TransformerConfig(**SMALL, dropout_generator="mt19937")
+
+
+@pytest.mark.parametrize("generator", ["threefry", "hash"])
+def test_residual_only_dropout_draws_fewer_masks_and_each_generator_is_seeded(generator):
+    """fairseq's placement (attention and activation dropout 0) leaves attention weights and MLP activations alone:
+    with dropout on only there, the model is deterministic; with residual dropout it depends on the key only."""
+    base = dict(FAMILIES["classic_post_ln_sinusoidal"], dropout_generator=generator)
+    inputs, targets = _tokens((2, 7), 16), _tokens((2, 6), 17)
+
+    def logits(overrides, key):
+        cfg = TransformerConfig(**{**base, **overrides})
+        params = random_params(cfg)
+        apply = jax.jit(
+            lambda k: Transformer(cfg).apply(
+                {"params": params}, inputs, targets, enable_dropout=True, rngs={"dropout": k}
+            )
+        )
+        return np.asarray(apply(jax.random.key(key)))
+
+    inner_only = dict(dropout_rate=0.0, attention_dropout_rate=0.0, activation_dropout_rate=0.0)
+    off = logits(inner_only, 1)
+    residual = dict(dropout_rate=0.3, attention_dropout_rate=0.0, activation_dropout_rate=0.0)
+    a, b, c = logits(residual, 1), logits(residual, 1), logits(residual, 2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - off).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+    attention = dict(dropout_rate=0.0, attention_dropout_rate=0.5, activation_dropout_rate=0.0)
+    assert np.abs(logits(attention, 1) - off).max() > 1e-3
+
+
+def test_return_hidden_and_output_projection_give_the_logits():
+    for family in ("t5_v1_0", "t5_v1_1", "classic_pre_ln_learned_unshared"):
+        cfg, params = _setup(FAMILIES[family])
+        inputs, targets = _tokens((2, 5), 1), _tokens((2, 4), 2)
+        model = Transformer(cfg)
+        hidden = model.apply({"params": params}, inputs, targets, return_hidden=True)
+        logits = _apply(cfg, params, inputs, targets)
+        projected = np.einsum("bld,dv->blv", hidden, network.output_projection(cfg, params))
+        np.testing.assert_allclose(projected, logits, rtol=1e-5, atol=1e-5, err_msg=family)

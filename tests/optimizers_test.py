@@ -57,6 +57,25 @@ def test_inverse_sqrt():
     assert max(values(cfg)) == pytest.approx(peak, rel=1e-6)
 
 
+def test_warmup_rsqrt_is_fairseqs_inverse_sqrt():
+    cfg = {"schedule": "warmup_rsqrt", "learning_rate": 0.005, "warmup_steps": 100}
+    want = [0.005 * min(s / 100, math.sqrt(100 / max(s, 1))) for s in STEPS]
+    np.testing.assert_allclose(values(cfg), want, rtol=1e-6)
+    assert max(values(cfg)) == pytest.approx(0.005) and values(cfg, [0])[0] == 0.0
+
+
+def test_cooldown_decays_any_schedule_to_zero_at_the_end():
+    base = {"schedule": "warmup_rsqrt", "learning_rate": 0.005, "warmup_steps": 100, "num_train_steps": 3000}
+    cooled = {**base, "cooldown_steps": 1000}
+    want = [v * min(1.0, max(0.0, (3000 - s) / 1000)) for v, s in zip(values(base), STEPS, strict=True)]
+    np.testing.assert_allclose(values(cooled), want, rtol=1e-6, atol=1e-12)
+    assert values(cooled, [2000, 2500, 3000]) == pytest.approx(
+        [values(base, [2000])[0], values(base, [2500])[0] / 2, 0]
+    )
+    with pytest.raises(ValueError, match="cooldown_steps=10 needs num_train_steps >= cooldown_steps"):
+        optimizers.make_schedule({**base, "cooldown_steps": 10, "num_train_steps": None})
+
+
 def test_constant():
     np.testing.assert_allclose(values({"schedule": "constant", "learning_rate": 3e-4}), [3e-4] * len(STEPS), rtol=1e-6)
     ramped = values({"schedule": "constant", "learning_rate": 3e-4, "warmup_steps": 100, "linear_warmup": True})

@@ -66,6 +66,18 @@ def test_multi30k(shared_data, tfds_dir):
     with pytest.raises(ValueError, match="not a pair of two of en, de, fr, cs"):
         get_source("multi30k", "val", tfds_data_dir=tfds_dir, src_lang="en", tgt_lang="en")
 
+    # The official lowercased tokenized files as inputs and targets; sacreBLEU's references stay the raw text.
+    tok = get_source("multi30k", "test_2016_flickr", tfds_data_dir=tfds_dir, text="tok")
+    tok_en = raw_lines(root / "tok/test_2016_flickr.lc.norm.tok.en.gz")
+    tok_de = raw_lines(root / "tok/test_2016_flickr.lc.norm.tok.de.gz")
+    record = tok[5]
+    assert (record["inputs"], record["targets"], record["tok_references"]) == (tok_en[5], tok_de[5], [tok_de[5]])
+    assert record["references"] == [raw_lines(root / "raw/test_2016_flickr.de.gz")[5]]
+    with pytest.raises(ValueError, match="no tokenized 'fr' text"):
+        get_source("multi30k", "val", tfds_data_dir=tfds_dir, src_lang="fr", tgt_lang="de", text="tok")
+    with pytest.raises(ValueError, match="text='bpe' is unknown"):
+        get_source("multi30k", "val", tfds_data_dir=tfds_dir, text="bpe")
+
 
 def test_wmt(shared_data, tfds_dir):
     en, de = (raw_lines(shared_data / f"wmt14_en_de/newstest2014.{lang}") for lang in ("en", "de"))

@@ -95,3 +95,74 @@ def test_fused_attention_with_packing_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"attention_kernel='xla' takes padded batches only.*pack=False"):
         train.train_and_evaluate(config, str(tmp_path / "packed"))
     assert not (tmp_path / "packed" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_saves_the_step_and_a_resumed_run_stays_stopped(tmp_path, capsys):
+    config = _config(tmp_path, 12)
+    config.eval_every_steps = 3
+    config.best_metric, config.best_mode = "eval/exact_match", "max"  # a tiny model never gets a number right
+    config.early_stopping_patience = 1
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    assert (
+        "early stopping at step 6: eval/exact_match has not improved on 0 for 1 evaluations" in capsys.readouterr().out
+    )
+    rows = metrics.read_metrics(workdir)
+    assert [r["step"] for r in rows if "eval/exact_match" in r] == [3, 6]
+    assert [r["eval/evals_without_improvement"] for r in rows if "eval/exact_match" in r] == [0.0, 1.0]
+    ckpt = checkpoints.Checkpointer(workdir, save_every_steps=6)
+    assert ckpt.latest_step() == 6
+    ckpt.close()
+    again = train.train_and_evaluate(config, workdir)  # the same command again: nothing more is trained
+    assert "eval/exact_match" in again
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) == 6
+    with pytest.raises(ValueError, match="early_stopping_patience=-1 must be >= 0"):
+        train.EarlyStopping("eval/loss", "min", -1)
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stopper = train.EarlyStopping("eval/bleu", "max", patience=2)
+    for value, expected in [(10.0, 0), (12.0, 0), (11.0, 1), (12.0, 2)]:
+        stopper.update({"eval/bleu": value})
+        assert stopper.evals_without_improvement == expected
+    assert stopper.should_stop and stopper.best == 12.0
+    restored = train.EarlyStopping("eval/bleu", "max", patience=2)
+    restored.load(stopper.state())
+    assert restored.should_stop and restored.best == 12.0
+    with pytest.raises(ValueError, match="needs best_metric='eval/bleu' from every evaluation"):
+        stopper.update({"eval/loss": 1.0})
+
+
+# ----------------------------------------------------------------------------------------------- bucketed batches
+
+
+def test_bucketed_translation_run_logs_validation_bleu_and_resumes_exactly(shared_data, tmp_path):
+    """configs/multi30k.py on a tiny model: length-bucketed batches, the fused loss, hash dropout, greedy
+    validation BLEU (eval/tok_bleu, eval/bleu) every few steps, and a resumed run equal to a straight one."""
+    from configs import multi30k
+
+    def config(steps):  # no cooldown: it depends on num_train_steps, which the interrupted run below shortens
+        cfg = multi30k.get_config(f"steps={steps},cooldown=0,batch_tokens=512,eval_every=4")
+        cfg.data_dir = str(shared_data)
+        cfg.vocab_cache_dir = str(tmp_path / "vocab_cache")
+        cfg.model_overrides.update(dict(d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1))
+        cfg.eval_examples, cfg.log_every_steps, cfg.checkpoint_every_steps = 16, 2, 4
+        cfg.warmup_steps, cfg.eval_batch_size = 2, 8
+        return cfg
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    final = train.train_and_evaluate(config(8), straight)
+    assert {"eval/tok_bleu", "eval/bleu", "eval/bleu_intl", "eval/loss"} <= set(final) and final["eval/examples"] == 16
+    rows = metrics.read_metrics(straight)
+    assert [r["step"] for r in rows if "eval/tok_bleu" in r] == [4, 8]
+    assert all(np.isfinite(r["perf/target_tokens_per_sec"]) for r in rows if "train/loss" in r)
+    train.train_and_evaluate(config(4), resumed)  # as if stopped after saving step 4
+    train.train_and_evaluate(config(8), resumed)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        checkpoints.load_params(resumed, step=8),
+        checkpoints.load_params(straight, step=8),
+    )

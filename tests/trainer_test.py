@@ -92,6 +92,19 @@ def _sharded_report(steps: int = 20) -> None:
             evaluate = trainer.compile_eval_step(cfg, mesh, rules)
             with partitioning.activate(mesh, rules):
                 report["eval_loss"] = float(evaluate(initial.params, batch)["loss"])
+    # Residual dropout with the hash generator and the fused projection + loss: still the same on every mesh.
+    dropout_cfg = cfg.replace(dropout_rate=0.3, dropout_generator="hash")
+    report["hash_losses"] = {}
+    for shape, rules in [((1, 1, 1), "fsdp_tp"), ((8, 1, 1), "data_parallel"), ((4, 1, 2), "fsdp_tp")]:
+        mesh = partitioning.make_mesh(shape, devices=jax.devices()[: int(np.prod(shape))])
+        state = jax.device_put(initial, trainer.state_shardings(dropout_cfg, tx, mesh, rules))
+        step = trainer.compile_train_step(dropout_cfg, tx, mesh, rules, label_smoothing=0.1, loss_chunk_tokens=16)
+        curve = []
+        with partitioning.activate(mesh, rules):
+            for _ in range(5):
+                state, metrics = step(state, batch, jax.random.key(1))
+                curve.append(float(metrics["loss"]))
+        report["hash_losses"][f"{shape}/{rules}"] = curve
     print(json.dumps(report))
 
 
@@ -193,6 +206,21 @@ def test_bf16_activations_train_with_fp32_params_and_optimizer_state(setup):
     assert any(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(final.opt_state))
 
 
+def test_fused_loss_trains_like_the_logits_loss(setup, step):
+    """``loss_chunk_tokens`` > 0 (projection and loss fused, in chunks) gives the same metrics and the same
+    parameters, to float rounding, as the materialized logits."""
+    cfg, tx, state, batch = setup
+    fused = _jit_step(cfg, tx, loss_chunk_tokens=16, **LOSS_OPTIONS)
+    plain_state, plain_curve = _run(step, state, batch, 3)
+    fused_state, fused_curve = _run(fused, state, batch, 3)
+    for plain, ours in zip(plain_curve, fused_curve, strict=True):
+        for key in ("loss", "z_loss", "weight_sum", "grad_norm"):
+            np.testing.assert_allclose(ours[key], plain[key], rtol=2e-5, err_msg=key)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fused_state.params, plain_state.params
+    )
+
+
 def test_eval_step_matches_loss_fn(setup):
     cfg, _, state, batch = setup
     loss, aux = jax.jit(functools.partial(trainer.loss_fn, model_cfg=cfg, dropout_rng=None, **LOSS_OPTIONS))(
@@ -239,3 +267,7 @@ def test_sharded_training_matches_one_device_and_donates_the_state(sharded_proce
     for name, curve in curves.items():
         np.testing.assert_allclose(curve, reference, rtol=1e-5, err_msg=name)
     assert report["eval_loss"] == pytest.approx(reference[0], rel=1e-5)
+    hashed = report["hash_losses"]
+    reference = np.asarray(hashed.pop("(1, 1, 1)/fsdp_tp"))
+    for name, curve in hashed.items():
+        np.testing.assert_allclose(curve, reference, rtol=1e-5, err_msg=name)

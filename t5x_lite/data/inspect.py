@@ -1,6 +1,7 @@
 """Look at a task: decoded examples, token-length percentiles, truncation and packing efficiency.
 
     python -m t5x_lite.data.inspect --task multi30k_ende --split train --num 3
+    python -m t5x_lite.data.inspect --task multi30k_ende_tok --batch_tokens 4096   # length-bucketed batches
 
 The first run trains (and caches) the task's SentencePiece vocabulary from its train split.
 """
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=3, help="examples to print")
     parser.add_argument("--stats_examples", type=int, default=2000, help="examples measured for the statistics")
     parser.add_argument("--batch_size", type=int, default=32, help="rows per packed batch for the packing figure")
+    parser.add_argument(
+        "--batch_tokens", type=int, default=0, help="report length-bucketed batches of this many tokens instead"
+    )
     parser.add_argument("--data_dir", default=None, help="local corpora (default: $T5X_LITE_DATA or ../shared/data)")
     parser.add_argument("--tfds_data_dir", default=None)
     parser.add_argument("--vocab_cache_dir", default=None)
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  targets: {length_percentiles(target_lengths)}")
     print(f"  at lengths {dict(task.lengths)}: {counter.summary()}")
 
-    if args.split == "train":
+    if args.batch_tokens:
+        print(bucketing_report(task, vocab, args))
+    elif args.split == "train":
         batches = pipeline.train_dataset(
             task, vocab, batch_size=args.batch_size, seed=0, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir
         )
@@ -88,6 +94,37 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * inputs_fill:.1f}% of input and {100 * targets_fill:.1f}% of target positions hold tokens"
         )
     return 0
+
+
+def bucketing_report(task, vocab, args) -> str:
+    """Length-bucketed batches of one epoch: how many, their shapes, real tokens and padding per feature."""
+    plan = pipeline.bucket_plan(
+        task,
+        vocab,
+        batch_tokens=args.batch_tokens,
+        split=args.split,
+        data_dir=args.data_dir,
+        tfds_data_dir=args.tfds_data_dir,
+    )
+    lengths = {key: np.asarray([len(plan.examples[i][key]) for i in range(len(plan.examples))]) for key in task.lengths}
+    padded = dict.fromkeys(lengths, 0)
+    real = dict.fromkeys(lengths, 0)
+    rows = 0
+    for bucket, indices in plan.epoch(0):
+        rows += plan.rows[bucket]
+        for key in lengths:
+            padded[key] += plan.rows[bucket] * min(plan.boundaries[bucket], task.lengths[key])
+            real[key] += int(lengths[key][indices[indices >= 0]].sum())
+    batches = plan.batches_per_epoch
+    lines = [
+        f"length-bucketed batches of <= {args.batch_tokens} tokens ({args.split}, one epoch): {batches} batches, "
+        f"{len(plan.examples):,} examples in {rows:,} rows, {len(plan.shapes())} shapes (rows, length) "
+        f"{plan.shapes()}",
+        f"  per batch: {real['inputs'] / batches:,.0f} input and {real['targets'] / batches:,.0f} target tokens",
+    ]
+    for key in lengths:
+        lines.append(f"  padding fraction, {key}: {100 * (1 - real[key] / padded[key]):.1f}%")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,22 @@ def bucket_plan(
     )
 
 
+def bucket_batch_shapes(plan: bucketing.BucketPlan, lengths: Mapping[str, int]) -> list[dict[str, tuple[int, int]]]:
+    """The global shape of every model feature in each batch shape of ``plan`` (for ahead-of-time compilation)."""
+    shapes = []
+    for rows, length in plan.shapes():
+        inputs, targets = min(length, int(lengths["inputs"])), min(length, int(lengths["targets"]))
+        shapes.append(
+            {
+                "encoder_input_tokens": (rows, inputs),
+                "decoder_input_tokens": (rows, targets),
+                "decoder_target_tokens": (rows, targets),
+                "decoder_loss_weights": (rows, targets),
+            }
+        )
+    return shapes
+
+
 def _feature_lengths(task: Task, lengths: Mapping[str, int] | None) -> dict[str, int]:
     lengths = lengths or task.lengths
     return {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
