@@ -400,7 +400,7 @@ def test_cudnn_kernel_refuses_odd_lengths_with_a_position_bias():
 
 
 def test_dropout_rates_default_to_dropout_rate_and_are_validated():
-    t5 = TransformerConfig(**SMALL, dropout_rate=0.1)
+    t5 = TransformerConfig(**{**SMALL, "dropout_rate": 0.1})
     assert (t5.attention_dropout, t5.activation_dropout, t5.uses_dropout) == (0.1, 0.1, True)
     classic = get_model_config("transformer_tiny")
     assert (classic.dropout_rate, classic.attention_dropout, classic.activation_dropout) == (0.3, 0.0, 0.0)

@@ -133,10 +133,13 @@ class FairseqSide:
         self.info = self._reply()
 
     def _reply(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"fairseq's driver exited with status {self.process.wait()} (see its stderr above)")
-        return json.loads(line)
+        while True:  # the driver's replies are JSON lines; anything else a library prints is passed through
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"fairseq's driver exited with status {self.process.wait()} (see its stderr above)")
+            if line.startswith("{"):
+                return json.loads(line)
+            print(f"fairseq: {line.rstrip()}", flush=True)
 
     def run(self, updates: int) -> dict:
         self.process.stdin.write(f"run {updates}\n")
