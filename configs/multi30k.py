@@ -2,12 +2,14 @@
 
 Command:   python -m t5x_lite.train --config configs/multi30k.py --workdir workdirs/multi30k
            python -m t5x_lite.evaluate --workdir workdirs/multi30k --split test_2016_flickr --beam_size 5 \\
-               --average_last 10
+               --alpha 1 --average_last 5
+           (experiments/translation_report.py chooses --average_last and --alpha on the validation split)
 Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
-Time:      see experiments/results/multi30k.md (the measured run, its wall time and machine).
-Result:    see experiments/results/multi30k.md; the published figure is 41.02 tokenized lowercased BLEU on
-           test_2016_flickr (Revisit-MMT README-baseline.md, Wu et al. ACL 2021: beam 5, average of the last 10
-           checkpoints).
+Time:      86 minutes on the 2-core development machine (9,000 steps, about 0.55 s each, 9 greedy validations).
+Result:    seed 1: test_2016_flickr 40.92 tokenized lowercased BLEU (beam 5, alpha 1.0, average of the last 5
+           checkpoints), test_2017_flickr 32.28; validation 41.68 (experiments/results/multi30k.md). Published:
+           41.02 on test_2016_flickr (Revisit-MMT README-baseline.md, Wu et al. ACL 2021: 2 GPUs, beam 5, average
+           of the last 10 checkpoints); fairseq on the same CPU: 39.6 in 92.5 minutes.
 
 The published recipe (fairseq, LividWo/Revisit-MMT README-baseline.md) and how this config follows it:
 - data: the official lowercased, Moses-tokenized files (``tok/``), no task prefix (task ``multi30k_ende_tok``);

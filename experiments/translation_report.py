@@ -12,7 +12,8 @@
    loss against wall-clock minutes; matplotlib: ``pip install -e '.[plot]'``). ``OUT.md`` puts them next to the
    published figures and the peers' (written from the JSON).
 
-The wall time is the train command's, from its metrics.jsonl (``perf/launched`` to the last logged row); for runs
+The wall time is the train command's, from its metrics.jsonl (``perf/launched`` to the last logged row, summed over
+the launches of a resumed run); for runs
 logged before that field existed, pass ``--wall_minutes`` and ``--log`` (the train command's output, whose progress
 bar gives the minute of each step). Hardware: the machine that trained. Time: about 1 minute per decoding of the
 validation split with beam 5 on 2 CPU cores.
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 
@@ -33,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from t5x_lite import metrics, models, partitioning  # noqa: E402
-from t5x_lite.evaluation import evaluate_split, load_workdir  # noqa: E402
+from t5x_lite import metrics, models  # noqa: E402
+from t5x_lite.evaluation import evaluate_loaded, load_workdir  # noqa: E402
 
 PUBLISHED = {
     "multi30k_ende_tok": {
@@ -66,38 +68,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def decode(workdir: str, split: str, average_last: int, settings: models.DecodeSettings, batch_size: int):
     loaded = load_workdir(workdir, average_last=average_last if average_last > 1 else 0)
-    mesh, rules = partitioning.make_mesh((-1, 1, 1)), "data_parallel"
-    params = jax.device_put(loaded.params, partitioning.param_shardings(loaded.model_cfg, mesh, rules))
-    with partitioning.activate(mesh, rules):
-        result = evaluate_split(
-            loaded.task,
-            loaded.vocab,
-            loaded.model_cfg,
-            params,
-            split=split,
-            settings=settings,
-            batch_size=batch_size,
-            mesh=mesh,
-            rules=rules,
-            data_dir=loaded.config.get("data_dir") or None,
-        )
-    return loaded, result
+    return loaded, evaluate_loaded(loaded, split, settings, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- the curve
 
 
 def learning_curve(workdir: str, log: str, wall_minutes: float) -> tuple[list[dict], float | None]:
-    """Eval rows with their wall-clock minute since the train command started, and the total wall minutes."""
+    """Eval rows with their wall-clock minute of training, and the total wall minutes of the train command(s).
+
+    A resumed run logs one ``perf/launched`` row per launch; each launch counts from its start to its last logged
+    row, so the time between a crash and the resume is not counted, while the resume's restore and compile are.
+    Rows a crashed launch logged beyond the step its successor resumed from are superseded by the successor's.
+    """
     rows = metrics.read_metrics(workdir)
-    launched = [r["perf/launched"] for r in rows if "perf/launched" in r]
+    if rows and "perf/launched" in rows[0] and all("perf/wall_time" in r for r in rows if "eval/loss" in r):
+        segments: list[list[dict]] = []
+        for row in rows:
+            if "perf/launched" in row:
+                segments.append([row])
+            elif segments:
+                segments[-1].append(row)
+        evals: dict[int, dict] = {}
+        elapsed = 0.0  # minutes of the earlier launches
+        for segment in segments:
+            start = segment[0]["perf/launched"]
+            for row in segment:
+                if "eval/loss" in row:
+                    evals[row["step"]] = {**row, "minute": elapsed + (row["perf/wall_time"] - start) / 60}
+            elapsed += (max(r.get("perf/wall_time", start) for r in segment) - start) / 60
+        return [evals[step] for step in sorted(evals)], wall_minutes or elapsed
     evals = [r for r in rows if "eval/loss" in r]
-    if launched and all("perf/wall_time" in r for r in evals):
-        start = launched[0]
-        last = max(r.get("perf/wall_time", start) for r in rows)
-        for row in evals:
-            row["minute"] = (row["perf/wall_time"] - start) / 60
-        return evals, wall_minutes or (last - start) / 60
     if not (log and wall_minutes):
         raise SystemExit("metrics.jsonl has no wall-clock times: pass --wall_minutes and --log of the train command")
     elapsed = progress_minutes(log)
@@ -177,8 +178,9 @@ def main(argv=None) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({_cpu_name()}), jax {jax.__version__}",
         "train_command": args.train_command,
         "evaluate_command": evaluate_command,
-        "report_command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        "report_command": "python " + shlex.join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
         "wall_minutes": wall,
+        "launches": sum("perf/launched" in r for r in metrics.read_metrics(args.workdir)),  # > 1: resumed
         "steps": max(r["step"] for r in evals),
         "selection": {"split": args.select_split, "beam_size": args.beam_size, "grid": grid, "chosen": best},
         "test": tests,

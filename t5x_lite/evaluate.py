@@ -17,11 +17,10 @@ import os
 import time
 from collections.abc import Sequence
 
-import jax
 from absl import app, flags, logging
 
-from t5x_lite import models, partitioning
-from t5x_lite.evaluation import evaluate_split, load_workdir
+from t5x_lite import models
+from t5x_lite.evaluation import evaluate_loaded, load_workdir
 
 # ---------------------------------------------------------------------------------------------- command line
 
@@ -95,26 +94,16 @@ def main(argv: Sequence[str]) -> None:
     split = _SPLIT.value or config.get("eval_split", "validation")
     if split not in loaded.task.splits:
         raise app.UsageError(f"--split={split!r}: task {loaded.task.name} has splits {sorted(loaded.task.splits)}")
-    data_dir = _DATA_DIR.value or config.get("data_dir") or None
-    mesh, rules = partitioning.make_mesh((-1, 1, 1)), "data_parallel"
-    params = jax.device_put(loaded.params, partitioning.param_shardings(loaded.model_cfg, mesh, rules))
-    batch_size = max(_BATCH.value // jax.device_count(), 1) * jax.device_count()
     start = time.perf_counter()
-    with partitioning.activate(mesh, rules):
-        result = evaluate_split(
-            loaded.task,
-            loaded.vocab,
-            loaded.model_cfg,
-            params,
-            split=split,
-            settings=settings,
-            batch_size=batch_size,
-            mesh=mesh,
-            rules=rules,
-            max_examples=_MAX_EXAMPLES.value,
-            data_dir=data_dir,
-            progress=True,
-        )
+    result = evaluate_loaded(
+        loaded,
+        split,
+        settings,
+        _BATCH.value,
+        max_examples=_MAX_EXAMPLES.value,
+        data_dir=_DATA_DIR.value or config.get("data_dir") or None,
+        progress=True,
+    )
     seconds = time.perf_counter() - start
     out_dir = os.path.join(_WORKDIR.value, "eval")
     os.makedirs(out_dir, exist_ok=True)

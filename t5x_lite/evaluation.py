@@ -169,6 +169,37 @@ def load_workdir(
     return LoadedModel(saved["config"], model_cfg, vocab, task, params, steps)
 
 
+def evaluate_loaded(
+    loaded: LoadedModel,
+    split: str,
+    settings: models.DecodeSettings,
+    batch_size: int,
+    *,
+    max_examples: int = 0,
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Decode and score ``split`` with a loaded workdir's parameters, data-parallel over every device
+    (``batch_size`` rounded down to a multiple of the device count, at least one row each)."""
+    mesh, rules = partitioning.make_mesh((-1, 1, 1)), "data_parallel"
+    params = jax.device_put(loaded.params, partitioning.param_shardings(loaded.model_cfg, mesh, rules))
+    with partitioning.activate(mesh, rules):
+        return evaluate_split(
+            loaded.task,
+            loaded.vocab,
+            loaded.model_cfg,
+            params,
+            split=split,
+            settings=settings,
+            batch_size=max(batch_size // jax.device_count(), 1) * jax.device_count(),
+            mesh=mesh,
+            rules=rules,
+            max_examples=max_examples,
+            data_dir=data_dir if data_dir is not None else (loaded.config.get("data_dir") or None),
+            progress=progress,
+        )
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the checkpoints in ``workdir``, oldest first."""
     checkpointer = checkpoints.Checkpointer(workdir, save_every_steps=1, async_save=False, read_only=True)

@@ -10,7 +10,7 @@ import pytest
 
 from t5x_lite.data import bucketing, pipeline
 from t5x_lite.data.pipeline import ProcessShard
-from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
+from t5x_lite.data.tasks import TaskRegistry
 
 
 def _lengths(n: int = 1000, seed: int = 0) -> np.ndarray:
@@ -81,16 +81,6 @@ def test_bad_plans_say_what_to_change():
 
 
 # ------------------------------------------------------------------------------------------- through the pipeline
-
-
-@pytest.fixture(scope="module")
-def numbers():
-    return TaskRegistry.get("synthetic_numbers")
-
-
-@pytest.fixture(scope="module")
-def vocab(numbers, tmp_path_factory):
-    return task_vocabulary(numbers, cache_dir=str(tmp_path_factory.mktemp("vocab")))
 
 
 def _bucketed(task, vocab, **kwargs):

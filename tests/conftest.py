@@ -90,3 +90,19 @@ def shared_data():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true but the shared data is missing: {error}")
         pytest.skip(f"shared data not available: {error}")
+
+
+@pytest.fixture(scope="module")
+def numbers():
+    """The synthetic numbers task (English number words -> German), built in-process: no data files."""
+    from t5x_lite.data.tasks import TaskRegistry
+
+    return TaskRegistry.get("synthetic_numbers")
+
+
+@pytest.fixture(scope="module")
+def vocab(numbers, tmp_path_factory):
+    """The numbers task's vocabulary, trained once per test module into a temporary cache."""
+    from t5x_lite.data.tasks import task_vocabulary
+
+    return task_vocabulary(numbers, cache_dir=str(tmp_path_factory.mktemp("vocab")))

@@ -9,17 +9,7 @@ import pytest
 
 from t5x_lite.data import pipeline, preprocessors
 from t5x_lite.data.pipeline import ProcessShard
-from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
-
-
-@pytest.fixture(scope="module")
-def numbers():
-    return TaskRegistry.get("synthetic_numbers")
-
-
-@pytest.fixture(scope="module")
-def vocab(numbers, tmp_path_factory):
-    return task_vocabulary(numbers, cache_dir=str(tmp_path_factory.mktemp("vocab")))
+from t5x_lite.data.tasks import TaskRegistry
 
 
 def _take(dataset, n):

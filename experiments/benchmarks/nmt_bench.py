@@ -14,9 +14,10 @@ loop), kept alive so that the two sides take turns: each round times ``--updates
 figure per side is its real target tokens over its seconds, summed over all rounds; timing includes the input
 pipeline on both sides.
 
-    python experiments/benchmarks/nmt_bench.py --fairseq_python V/bin/python     # both sides (about 12 minutes)
+    python experiments/benchmarks/nmt_bench.py --fairseq_python V/bin/python     # both sides (about 7 minutes)
     python experiments/benchmarks/nmt_bench.py                                   # t5x_lite alone, and says so
     python experiments/benchmarks/nmt_bench.py --ablations    # t5x_lite alone, undoing each speed change in turn
+                                                               # (each row in a fresh process; about 15 minutes)
 
 Set up fairseq once (about 3 minutes), outside the repository:
 
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/t5x_lite_nmt_bench", help="fairseq's binarized data (cached)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ablations", action="store_true", help="t5x_lite alone, undoing each speed change")
+    parser.add_argument("--ablation_row", type=int, default=-1, help=argparse.SUPPRESS)  # one row, in this process
     return parser.parse_args(argv)
 
 
@@ -257,29 +259,40 @@ def ablation_config(seed: int, placement=False, bucketed=False, fused=False, has
 
 
 def run_ablations(args) -> None:
-    """t5x_lite alone, each row of ABLATIONS after the last: warm-up, then ``rounds`` x ``updates`` timed."""
-    for name, options in ABLATIONS:
-        config = ablation_config(args.seed, **options)
-        task = TaskRegistry.get(config.task)
-        vocab = task_vocabulary(task)
-        plan = None
-        if config.batch_tokens:
-            plan = pipeline.bucket_plan(task, vocab, batch_tokens=config.batch_tokens, seed=config.seed)
-        side = T5xLiteSide(config, task, vocab, plan)
-        side.run(args.warmup)
-        tokens = seconds = 0.0
-        for _ in range(args.rounds):
-            result = side.run(args.updates)
-            tokens, seconds = tokens + result["target_tokens"], seconds + result["seconds"]
-        print(
-            f"{name}: {tokens / seconds:,.0f} target tokens/s ({seconds / (args.rounds * args.updates):.3f} s/update, "
-            f"{tokens / (args.rounds * args.updates):,.0f} target tokens/update)",
-            flush=True,
-        )
+    """Each row of ABLATIONS in a fresh process of its own (no thread, cache or memory left by an earlier row)."""
+    for row in range(len(ABLATIONS)):
+        command = [sys.executable, os.path.abspath(__file__), "--ablation_row", str(row), "--seed", str(args.seed)]
+        command += ["--rounds", str(args.rounds), "--updates", str(args.updates), "--warmup", str(args.warmup)]
+        subprocess.run(command, check=True)
+
+
+def run_ablation_row(args) -> None:
+    """One row of ABLATIONS: warm-up, then ``rounds`` x ``updates`` timed updates of t5x_lite alone."""
+    name, options = ABLATIONS[args.ablation_row]
+    config = ablation_config(args.seed, **options)
+    task = TaskRegistry.get(config.task)
+    vocab = task_vocabulary(task)
+    plan = None
+    if config.batch_tokens:
+        plan = pipeline.bucket_plan(task, vocab, batch_tokens=config.batch_tokens, seed=config.seed)
+    side = T5xLiteSide(config, task, vocab, plan)
+    side.run(args.warmup)
+    tokens = seconds = 0.0
+    for _ in range(args.rounds):
+        result = side.run(args.updates)
+        tokens, seconds = tokens + result["target_tokens"], seconds + result["seconds"]
+    print(
+        f"{name}: {tokens / seconds:,.0f} target tokens/s ({seconds / (args.rounds * args.updates):.3f} s/update, "
+        f"{tokens / (args.rounds * args.updates):,.0f} target tokens/update)",
+        flush=True,
+    )
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.ablation_row >= 0:
+        run_ablation_row(args)
+        return
     if args.ablations:
         run_ablations(args)
         return
