@@ -34,6 +34,10 @@ run ``new_tokens`` steps with 4 live beams per row and rank the 4 survivors of t
 should agree too (printed as a sanity line, like the fraction of identical greedy rows; float32 differences
 between XLA and PyTorch can split near-ties, so a few rows may differ).
 
+The figures just below were taken on a loaded machine (other jobs sharing the 2 cores slow PyTorch far more
+than XLA); on the idle machine (2026-12-01) the same command gave greedy 1.00x and beam 4 0.94x. Quote only
+figures from ``../shared/tools/quiet-run`` runs that end QUIET.
+
 Hardware and time. Intel Xeon @ 2.50 GHz (AVX-512), 2 cores shared with a background training run (load
 average 5-7), 24 GiB; jax 0.10.2 (XLA CPU, 2 threads), torch 2.13 CPU (2 intra-op threads), transformers 5.24
 (T5 attention "sdpa"). The full run takes about 14 minutes there (four runs per side and method: warm-up + 3);
