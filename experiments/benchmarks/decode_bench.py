@@ -35,8 +35,9 @@ should agree too (printed as a sanity line, like the fraction of identical greed
 between XLA and PyTorch can split near-ties, so a few rows may differ).
 
 The figures just below were taken on a loaded machine (other jobs sharing the 2 cores slow PyTorch far more
-than XLA); on the idle machine (2026-12-01) the same command gave greedy 1.00x and beam 4 0.94x. Quote only
-figures from ``../shared/tools/quiet-run`` runs that end QUIET.
+than XLA); on the idle machine the same command gave greedy 1.00x and beam 4 0.94x (2026-12-01, an Intel Xeon
+host) and 1.81-2.16x and 1.71-1.72x (2026-12-02, an AMD EPYC host; QUIET runs in NOTES.md). Quote only figures
+from ``../shared/tools/quiet-run`` runs that end QUIET.
 
 Hardware and time. Intel Xeon @ 2.50 GHz (AVX-512), 2 cores shared with a background training run (load
 average 5-7), 24 GiB; jax 0.10.2 (XLA CPU, 2 threads), torch 2.13 CPU (2 intra-op threads), transformers 5.24
