@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
         settings,
         _BATCH.value,
         max_examples=_MAX_EXAMPLES.value,
-        data_dir=_DATA_DIR.value or config.get("data_dir") or None,
+        data_dir=_DATA_DIR.value or None,  # None: the data_dir the workdir was trained with
         progress=True,
     )
     seconds = time.perf_counter() - start

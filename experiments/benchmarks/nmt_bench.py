@@ -94,9 +94,8 @@ def write_fairseq_data(task, vocab, workdir: str, fairseq_python: str) -> str:
     return data_bin
 
 
-def fairseq_arguments(config, data_bin: str, max_tokens: int, seed: int) -> list[str]:
-    """fairseq-train's arguments for the config's model and recipe (Wu et al. 2021's Transformer-tiny)."""
-    model = multi30k_model(config)
+def fairseq_arguments(config, model, data_bin: str, max_tokens: int, seed: int) -> list[str]:
+    """fairseq-train's arguments for the config's model (t5x_lite's TransformerConfig of it) and recipe."""
     return [
         data_bin,
         "--arch", "transformer",
@@ -114,12 +113,6 @@ def fairseq_arguments(config, data_bin: str, max_tokens: int, seed: int) -> list
         "--max-tokens", str(max_tokens), "--seed", str(seed), "--cpu", "--no-save", "--disable-validation",
         "--log-format", "none", "--num-workers", "1",
     ]  # fmt: skip
-
-
-def multi30k_model(config):
-    from configs.common import get_model_config
-
-    return get_model_config(config.model, **dict(config.model_overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------- sides
@@ -304,7 +297,10 @@ def main(argv=None) -> None:
     fairseq = None
     if args.fairseq_python:
         data_bin = write_fairseq_data(task, vocab, args.workdir, args.fairseq_python)
-        fairseq = FairseqSide(args.fairseq_python, fairseq_arguments(config, data_bin, args.max_tokens, args.seed))
+        fairseq = FairseqSide(
+            args.fairseq_python,
+            fairseq_arguments(config, train._model_config(config, vocab), data_bin, args.max_tokens, args.seed),
+        )
         print(f"fairseq: {fairseq.info}", flush=True)
     else:
         print("no --fairseq_python: timing t5x_lite alone (no ratio)", flush=True)
