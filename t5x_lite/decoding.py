@@ -195,9 +195,11 @@ def beam_search(
     batch, k, steps = encoder_input_tokens.shape[0], beam_size, max_decode_length
     limit = cfg.vocab_size if vocab_limit is None else vocab_limit
     encoded = _encode(cfg, params, encoder_input_tokens)
-    encoded = jnp.repeat(encoded, k, axis=0)  # [batch * k, ...], beams of an example adjacent
-    enc_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
+    enc_tokens = encoder_input_tokens
+    # The cross-attention cache keeps one row per example (the beams attend to it together, see
+    # layers.MultiHeadAttention); the self-attention caches get a row per beam, beams of an example adjacent.
     cache = network.init_decode_cache(cfg, params, encoded, enc_tokens, steps)
+    cache = _reorder_self_attention_cache(cfg, cache, lambda x, axis: jnp.repeat(x, k, axis=axis))
     max_penalty = length_penalty(jnp.float32(steps), alpha)
 
     def keep_going(state):

@@ -462,6 +462,17 @@ class MultiHeadAttention(nn.Module):
                         key, value = cached_key.value, cached_value.value
             key = nn.with_logical_constraint(key, ("batch", "heads", "kv", "length"))
             value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
+            query_rows = query.shape[0]
+            if is_cross_attention and key.shape[0] != query_rows:
+                # Beam search: the encoder cache holds one row per example and the queries are the example's
+                # beams, adjacent. The beams attend as extra query positions of their example, so the cache is
+                # read once per example instead of once per beam.
+                if query_rows % key.shape[0]:
+                    raise ValueError(
+                        f"cross-attention cache has {key.shape[0]} rows for {query_rows} query rows; the query "
+                        "rows must be a whole number of (adjacent) beams per cached example"
+                    )
+                query = query.reshape((key.shape[0], -1) + query.shape[2:])
             logits = jnp.einsum("bqhd,bhdk->bhqk", query, key, preferred_element_type=jnp.float32)
             value_spec = "bhkd"
         if attention_bias is not None:
@@ -470,6 +481,7 @@ class MultiHeadAttention(nn.Module):
         if not deterministic and self.dropout_rate > 0:
             weights = Dropout(rate=self.dropout_rate, generator=self.dropout_generator)(weights, deterministic=False)
         context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
+        context = context.reshape(inputs_q.shape[:2] + context.shape[2:])
         return self._project_out(context, inputs_q.shape[-1])
 
     @nn.nowrap
