@@ -104,6 +104,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.task = "synthetic_numbers"
     config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
+    config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
     config.pack = True
     config.prefetch_batches = 2  # batches prepared ahead on a background thread
     # batch_tokens > 0: length-bucketed batches of at most that many padded tokens (fairseq's --max-tokens)

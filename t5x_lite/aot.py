@@ -206,7 +206,7 @@ def plan(config: Any, topology: str | Topology, num_slices: int | None = None) -
             f"num_microbatches={micro}: each microbatch of batch_size={config.batch_size} must split evenly over "
             f"data * fsdp = {rows} chips; use a num_microbatches dividing {config.batch_size // rows}"
         )
-    optimizer = optimizers.make_optimizer(config)
+    optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     state, batch, rng = abstract_inputs(config, model_cfg, optimizer, mesh)
     step = trainer.compile_train_step(
         model_cfg,

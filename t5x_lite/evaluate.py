@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from t5x_lite import models
+from t5x_lite import compile_cache, models
 from t5x_lite.evaluation import evaluate_loaded, load_workdir
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -91,6 +91,7 @@ def main(argv: Sequence[str]) -> None:
     settings = decode_settings_from_flags()
     loaded = load_workdir(_WORKDIR.value, checkpoint_step=_STEP.value, average_last=_AVERAGE.value, task=_TASK.value)
     config = loaded.config
+    compile_cache.enable(config.get("compilation_cache_dir", ""))
     split = _SPLIT.value or config.get("eval_split", "validation")
     if split not in loaded.task.splits:
         raise app.UsageError(f"--split={split!r}: task {loaded.task.name} has splits {sorted(loaded.task.splits)}")

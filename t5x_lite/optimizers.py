@@ -1,9 +1,9 @@
-"""Optimizers (optax) and learning-rate schedules from a config: Adafactor with T5's defaults, AdamW; T5's rsqrt decay,
-linear warmup + cosine, Vaswani's inverse square root, constant; global-norm clipping; weight-decay masks.
+"""Optimizers from a config: T5X's Adafactor (``adafactor.py``, factored by logical axes), AdamW (optax); T5's
+rsqrt decay, linear warmup + cosine, Vaswani's inverse square root, constant; global-norm clipping; weight-decay masks.
 
 Usage::
 
-    tx = make_optimizer(config)  # config: a dict or an ml_collections.ConfigDict
+    tx = make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))  # config: dict or ConfigDict
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     learning_rate = make_schedule(config)(step)  # the value the optimizer used at ``step``, for logging
@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_lite import adafactor
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "inverse_sqrt", "warmup_rsqrt", "constant")
 
@@ -67,10 +69,6 @@ DEFAULTS: dict[str, Any] = {
     "decay_rate": 0.8,
     "clipping_threshold": 1.0,
 }
-
-# Adafactor settings of T5 that the config does not expose (Shazeer & Stern 2018; Raffel et al. 2020).
-ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR = 128
-ADAFACTOR_EPSILON1 = 1e-30
 
 
 def _options(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -208,11 +206,14 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def make_optimizer(cfg: Mapping[str, Any] | Any, params: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: Mapping[str, Any] | Any, params: Any = None, logical_axes: Any = None
+) -> optax.GradientTransformation:
     """``cfg.optimizer`` driven by ``make_schedule(cfg)``, after global-norm clipping when ``grad_clip_norm > 0``.
 
     ``params`` (arrays or abstract shapes) only fixes the weight-decay mask early; without it the mask is computed
-    from the parameters at ``init``.
+    from the parameters at ``init``. ``logical_axes`` (``network.param_logical_axes``) tells Adafactor how to factor
+    each parameter, as T5X does; without it Adafactor factors the two largest dimensions (optax's heuristic).
     """
     options = _options(cfg)
     name = _choose(options, "optimizer", OPTIMIZERS)
@@ -223,16 +224,11 @@ def make_optimizer(cfg: Mapping[str, Any] | Any, params: Any = None) -> optax.Gr
     mask = decay_mask(params) if params is not None else decay_mask
     if name == "adafactor":
         threshold = options["clipping_threshold"]
-        tx = optax.adafactor(
+        tx = adafactor.adafactor(
             learning_rate=schedule,
-            min_dim_size_to_factor=ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR,
+            logical_axes=logical_axes,
             decay_rate=float(options["decay_rate"]),
-            decay_offset=0,
-            multiply_by_parameter_scale=True,
             clipping_threshold=float(threshold) if threshold else None,
-            momentum=None,
-            eps=ADAFACTOR_EPSILON1,
-            factored=True,
             weight_decay_rate=weight_decay or None,
             weight_decay_mask=mask if weight_decay else None,
         )

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs.common import get_model_config
-from t5x_lite import checkpoints, flops, metrics, models, network, optimizers, partitioning, trainer
+from t5x_lite import checkpoints, compile_cache, flops, metrics, models, network, optimizers, partitioning, trainer
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
@@ -82,6 +82,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
     launched = time.time()
     # ------------------------------------------------------------------------------------------- setup
+    compile_cache.enable(config.get("compilation_cache_dir", ""))
     os.makedirs(workdir, exist_ok=True)
     task = TaskRegistry.get(config.task)
     vocab = _vocabulary(config, task, workdir)
@@ -96,7 +97,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     # Bucketed batches have as many rows as fit batch_tokens, always a multiple of row_multiple.
     row_multiple = math.lcm(config.get("bucket_row_multiple", 8), partitioning.batch_shards(mesh, rules))
     partitioning.validate(model_cfg, mesh, row_multiple if batch_tokens else config.batch_size, rules)
-    optimizer = optimizers.make_optimizer(config)
+    optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
     if is_chief:

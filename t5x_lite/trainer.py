@@ -2,7 +2,7 @@
 
 Usage::
 
-    tx = optimizers.make_optimizer(config)
+    tx = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     mesh, rules = partitioning.make_mesh(config.mesh_shape), config.partitioning
     state = create_train_state(model_cfg, tx, jax.random.key(config.seed), mesh, rules)
     step = compile_train_step(model_cfg, tx, mesh, rules, num_microbatches=2, schedule=optimizers.make_schedule(config))
@@ -51,14 +51,26 @@ def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
+def _kept_dims(param_shape: tuple[int, ...], leaf_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The parameter dimensions a statistic of ``leaf_shape`` keeps when it is the parameter with some dimensions
+    reduced away (the first match, in order), or None if it is not."""
+    if not 0 < len(leaf_shape) < len(param_shape):
+        return None
+    kept: list[int] = []
+    for dim, size in enumerate(param_shape):
+        if len(kept) < len(leaf_shape) and size == leaf_shape[len(kept)]:
+            kept.append(dim)
+    return tuple(kept) if len(kept) == len(leaf_shape) else None
+
+
 def _opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: Any, shardings: Any, mesh: Mesh) -> Any:
     """Sharding of every optimizer-state leaf, derived from the parameter it belongs to.
 
     ``jax.eval_shape(optimizer.init, params)`` gives the state's shapes without computing it. A leaf whose path ends
     with a parameter's path (``mu/encoder/...``, ``v_row/encoder/...``) belongs to that parameter: the same shape
-    takes the parameter's sharding (Adam moments, unfactored Adafactor moments); one dimension fewer (Adafactor's
-    factored row/column statistics) takes the parameter's spec without the reduced dimension. Anything else (step
-    counts, placeholders) is replicated: it is small.
+    takes the parameter's sharding (Adam moments, unfactored Adafactor moments); the parameter with dimensions
+    reduced away (Adafactor's row/column statistics) keeps the specs of the dimensions that remain. Anything else
+    (step counts, placeholders) is replicated: it is small.
     """
     flat_params = {
         _key_names(path): (leaf, sharding)
@@ -78,11 +90,10 @@ def _opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: 
             spec = tuple(sharding.spec) + (None,) * (len(param.shape) - len(sharding.spec))
             if tuple(leaf.shape) == tuple(param.shape):
                 return sharding
-            if len(leaf.shape) == len(param.shape) - 1:
-                for dim in range(len(param.shape)):
-                    if tuple(param.shape[:dim] + param.shape[dim + 1 :]) == tuple(leaf.shape):
-                        return NamedSharding(mesh, PartitionSpec(*(spec[:dim] + spec[dim + 1 :])))
-            return replicated
+            kept = _kept_dims(tuple(param.shape), tuple(leaf.shape))
+            if kept is None:
+                return replicated
+            return NamedSharding(mesh, PartitionSpec(*(spec[d] for d in kept)))
         return replicated
 
     return jax.tree_util.tree_map_with_path(derive, jax.eval_shape(optimizer.init, params_shape))

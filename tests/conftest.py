@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Prepared TFDS corpora go to a fresh folder per test session, never into the user's ~/tensorflow_datasets.
 os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="t5x_lite_tests_tfds_"))
+# No persistent XLA cache in ~/.cache from tests (tests/compile_cache_test.py turns one on in a temporary folder).
+os.environ.setdefault("T5X_LITE_COMPILATION_CACHE", "none")
 
 import pytest  # noqa: E402
 

@@ -56,7 +56,7 @@ def _sharded_report(steps: int = 20) -> None:
     fsdp_tp and fsdp=8 under fsdp, from the same initial state; prints one JSON line."""
     assert jax.device_count() == 8, jax.devices()
     cfg = network.TransformerConfig(**TINY)
-    tx = optimizers.make_optimizer(OPTIMIZER)
+    tx = optimizers.make_optimizer(OPTIMIZER, logical_axes=network.param_logical_axes(cfg))
     batch = _copy_batch()
     initial = None
     report: dict = {"losses": {}}
@@ -130,7 +130,7 @@ def sharded_process():
 @pytest.fixture(scope="module")
 def setup():
     cfg = network.TransformerConfig(**TINY)
-    tx = optimizers.make_optimizer(OPTIMIZER)
+    tx = optimizers.make_optimizer(OPTIMIZER, logical_axes=network.param_logical_axes(cfg))
     state = trainer.create_train_state(cfg, tx, jax.random.key(0))
     return cfg, tx, state, _copy_batch()
 

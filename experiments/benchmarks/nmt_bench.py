@@ -45,7 +45,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import multi30k  # noqa: E402
-from t5x_lite import optimizers, partitioning, train, trainer  # noqa: E402
+from t5x_lite import network, optimizers, partitioning, train, trainer  # noqa: E402
 from t5x_lite.data import bucketing, pipeline  # noqa: E402
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary  # noqa: E402
 
@@ -155,7 +155,7 @@ class T5xLiteSide:
         """With ``plan`` None the config's fixed batches (``batch_size`` rows, packed or padded) are used."""
         self.mesh, self.rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
         model_cfg = train._model_config(config, vocab)
-        optimizer = optimizers.make_optimizer(config)
+        optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
         self.plan = plan
         data = pipeline.train_dataset(
             task,
