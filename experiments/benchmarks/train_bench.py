@@ -2,10 +2,11 @@
 
 Both sides train the same T5 (default: t5_small v1.0 shapes, 60.5M parameters, vocabulary 32,128) with AdamW
 (lr 1e-4, weight decay 0.01), on the same random batch of ``--batch`` rows of ``--input_len`` input and
-``--target_len`` target tokens, with dropout ``--dropout``. One timed "round" runs ``--steps`` steps of each
-side, alternating t5x_lite and Hugging Face, so that drifting machine load hits both alike. The figure per
-side is the median over rounds of the mean step time. Compilation (JAX) and the first eager steps (PyTorch)
-are excluded and reported apart.
+``--target_len`` target tokens, with dropout ``--dropout`` (t5x_lite draws its dropout bits with the opt-in
+``dropout_generator="hash"`` unless ``--dropout_generator threefry``; PyTorch with its own Philox generator).
+One timed "round" runs ``--steps`` steps of each side, alternating t5x_lite and Hugging Face, so that
+drifting machine load hits both alike. The figure per side is the median over rounds of the mean step time.
+Compilation (JAX) and the first eager steps (PyTorch) are excluded and reported apart.
 
     python experiments/benchmarks/train_bench.py                    # CPU: fp32, t5_small, batch 8, 128/128
     python experiments/benchmarks/train_bench.py --quick            # tiny model, seconds: checks it runs
@@ -43,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input_len", type=int, default=128)
     parser.add_argument("--target_len", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.1, help="T5's default; both sides use it")
+    parser.add_argument(
+        "--dropout_generator",
+        default="hash",
+        choices=["hash", "threefry"],
+        help="t5x_lite's dropout bits: hash (layers.hash_bits, opt-in, 1.33x on this CPU) or threefry (flax's)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations (t5x_lite)")
     parser.add_argument("--remat", default="none", choices=["none", "minimal", "full"])
     parser.add_argument("--scan", action="store_true", help="scan_layers=True")
@@ -80,6 +87,7 @@ class JaxSide:
     def __init__(self, args, batch):
         overrides = dict(
             dropout_rate=args.dropout,
+            dropout_generator=args.dropout_generator,
             dtype=args.dtype,
             remat_policy=args.remat,
             scan_layers=args.scan,
@@ -150,7 +158,8 @@ def main(argv=None) -> None:
     target_tokens, all_tokens = args.batch * args.target_len, args.batch * (args.input_len + args.target_len)
     print(f"{args.model}, batch {args.batch} x ({args.input_len} in, {args.target_len} out), dropout {args.dropout}, ")
     print(
-        f"  t5x_lite dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan}, "
+        f"  t5x_lite dtype {args.dtype}, dropout bits {args.dropout_generator}, remat {args.remat}, "
+        f"scan_layers {args.scan}, "
         f"attention {args.attention_kernel}; device {jax.devices()[0]}"
     )
     ours = JaxSide(args, batch)
