@@ -119,7 +119,8 @@ class AdafactorState(NamedTuple):
     v: Any
 
 
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The names along a pytree key path (dict keys, attribute names, sequence indices), as strings."""
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -129,7 +130,7 @@ def _axes_by_path(logical_axes: Any) -> dict[tuple[str, ...], tuple[str | None, 
         return {}
     is_spec = lambda x: isinstance(x, (jax.sharding.PartitionSpec, tuple))  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=is_spec)[0]
-    return {_path_names(path): tuple(spec) for path, spec in flat}
+    return {path_names(path): tuple(spec) for path, spec in flat}
 
 
 def adafactor(
@@ -158,7 +159,7 @@ def adafactor(
 
     def plans(params: Any) -> Any:
         def plan(path: tuple[Any, ...], p: Any) -> FactorPlan:
-            names = _path_names(path)
+            names = path_names(path)
             return factor_plan(
                 tuple(p.shape), axes_by_path.get(names), factor_rules, min_dim_size_to_factor, "/".join(names)
             )

@@ -195,10 +195,9 @@ def beam_search(
     batch, k, steps = encoder_input_tokens.shape[0], beam_size, max_decode_length
     limit = cfg.vocab_size if vocab_limit is None else vocab_limit
     encoded = _encode(cfg, params, encoder_input_tokens)
-    enc_tokens = encoder_input_tokens
     # The cross-attention cache keeps one row per example (the beams attend to it together, see
     # layers.MultiHeadAttention); the self-attention caches get a row per beam, beams of an example adjacent.
-    cache = network.init_decode_cache(cfg, params, encoded, enc_tokens, steps)
+    cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, steps)
     cache = _reorder_self_attention_cache(cfg, cache, lambda x, axis: jnp.repeat(x, k, axis=axis))
     max_penalty = length_penalty(jnp.float32(steps), alpha)
 
@@ -212,7 +211,7 @@ def beam_search(
     def step(state):
         position, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache = state
         previous = jnp.where(position > 0, live_seqs[:, :, jnp.maximum(position - 1, 0)], 0)
-        logits, cache = network.decode_step(cfg, params, cache, encoded, enc_tokens, previous.reshape(-1))
+        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous.reshape(-1))
         log_probs = _masked_log_probs(logits, limit).reshape(batch, k, -1)
         vocab = log_probs.shape[-1]
         candidates = (live_logp[:, :, None] + log_probs).reshape(batch, k * vocab)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5x_lite import losses, network, partitioning
+from t5x_lite import adafactor, losses, network, partitioning
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -45,10 +45,6 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------------------
 # State: shardings and initialization.
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
 def _kept_dims(param_shape: tuple[int, ...], leaf_shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -73,7 +69,7 @@ def _opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: 
     (step counts, placeholders) is replicated: it is small.
     """
     flat_params = {
-        _key_names(path): (leaf, sharding)
+        adafactor.path_names(path): (leaf, sharding)
         for (path, leaf), sharding in zip(
             jax.tree_util.tree_flatten_with_path(params_shape)[0], jax.tree.leaves(shardings), strict=True
         )
@@ -81,7 +77,7 @@ def _opt_state_shardings(optimizer: optax.GradientTransformation, params_shape: 
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def derive(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        names = _key_names(path)
+        names = adafactor.path_names(path)
         for start in range(len(names)):
             match = flat_params.get(names[start:])
             if match is None:
