@@ -34,6 +34,15 @@ def _masked_log_probs(logits: jax.Array, vocab_limit: int) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) as two single-operand reductions, a max and
+    a min over indices, which XLA's CPU backend vectorizes; argmax's (value, index) reduction it runs as a
+    scalar loop (2.5 ms per greedy step over [32, 32128] at t5_small, 9% of the step). NaN-free inputs."""
+    best = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == best, index, x.shape[-1] - 1), axis=-1)
+
+
 def _encode(cfg: TransformerConfig, params: Any, encoder_input_tokens: jax.Array) -> jax.Array:
     return Transformer(cfg).apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
 
@@ -47,11 +56,14 @@ def _decode_loop(
     eos_id: int,
     vocab_limit: int | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row per step, ``choose(log_probs [b, v], position) -> ids [b]``, until every row has EOS."""
+    """One token per row per step, ``choose(logits [b, v], position) -> ids [b]``, until every row has EOS. The
+    logits of ids at or above the vocabulary limit are NEG_INF; a choice depends on them only up to a constant per
+    row, so they stand for the log-probabilities without computing them over the whole vocabulary."""
     batch = encoder_input_tokens.shape[0]
     encoded = _encode(cfg, params, encoder_input_tokens)
     cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, max_decode_length)
     limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+    projection = network.output_projection(cfg, params)
 
     def keep_going(carry):
         position, _, _, _, done, _ = carry
@@ -59,10 +71,10 @@ def _decode_loop(
 
     def step(carry):
         position, tokens, scores, cache, done, previous = carry
-        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous)
-        log_probs = _masked_log_probs(logits, limit)
-        chosen = jnp.where(done, 0, choose(log_probs, position).astype(jnp.int32))
-        picked = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous, projection)
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, NEG_INF)
+        chosen = jnp.where(done, 0, choose(logits, position).astype(jnp.int32))
+        picked = jnp.take_along_axis(logits, chosen[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
         scores = scores + jnp.where(done, 0.0, picked)
         tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, position))
         return position + 1, tokens, scores, cache, done | (chosen == eos_id), chosen
@@ -91,7 +103,7 @@ def greedy_decode(
     vocab_limit: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The most likely next token at every step: tokens [batch, max_decode_length], log-likelihoods [batch]."""
-    choose = lambda log_probs, _: jnp.argmax(log_probs, axis=-1)
+    choose = lambda logits, _: first_argmax(logits)
     return _decode_loop(cfg, params, encoder_input_tokens, choose, max_decode_length, eos_id, vocab_limit)
 
 
@@ -136,38 +148,16 @@ def sample_decode(
             f"top_k={top_k}, top_p={top_p}"
         )
 
-    def choose(log_probs, position):
+    def choose(logits, position):
         if temperature == 0:
-            return jnp.argmax(log_probs, axis=-1)
-        logits = filter_logits(log_probs, temperature=temperature, top_k=top_k, top_p=top_p)
-        return jax.random.categorical(jax.random.fold_in(rng, position), logits, axis=-1)
+            return first_argmax(logits)
+        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, position), filtered, axis=-1)
 
     return _decode_loop(cfg, params, encoder_input_tokens, choose, max_decode_length, eos_id, vocab_limit)
 
 
 # ----------------------------------------------------------------------------------------------- beam search
-
-
-def _reorder_self_attention_cache(cfg: TransformerConfig, cache: Any, fn: Callable[[jax.Array, int], jax.Array]):
-    """Apply ``fn(leaf, batch_axis)`` to the self-attention key/value caches. The position counters are shared by
-    all rows, and the cross-attention caches are the same for every beam of an example, so neither moves."""
-
-    def visit(path, leaf):
-        names = [getattr(p, "key", None) for p in path]
-        if names[-1] not in ("cached_key", "cached_value") or "encoder_decoder_attention" in names:
-            return leaf
-        return fn(leaf, 1 if cfg.scan_layers else 0)  # scanned caches lead with the layer axis
-
-    return jax.tree_util.tree_map_with_path(visit, cache)
-
-
-def _gather_beams(x: jax.Array, beam_indices: jax.Array, batch: int, beams: int, axis: int = 0) -> jax.Array:
-    """Rows ``beam_indices`` [batch, beams'] (within each example) of ``x`` whose ``axis`` is batch*beams."""
-    shape = x.shape
-    x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1 :])
-    index = beam_indices.reshape((1,) * axis + beam_indices.shape + (1,) * (x.ndim - axis - 2))
-    x = jnp.take_along_axis(x, index, axis=axis + 1)
-    return x.reshape(shape[:axis] + (batch * beam_indices.shape[1],) + shape[axis + 1 :])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "beam_size", "alpha", "max_decode_length", "eos_id", "vocab_limit"))
@@ -195,11 +185,11 @@ def beam_search(
     batch, k, steps = encoder_input_tokens.shape[0], beam_size, max_decode_length
     limit = cfg.vocab_size if vocab_limit is None else vocab_limit
     encoded = _encode(cfg, params, encoder_input_tokens)
-    # The cross-attention cache keeps one row per example (the beams attend to it together, see
-    # layers.MultiHeadAttention); the self-attention caches get a row per beam, beams of an example adjacent.
-    cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, steps)
-    cache = _reorder_self_attention_cache(cfg, cache, lambda x, axis: jnp.repeat(x, k, axis=axis))
+    # One cache row per example: the beams (adjacent query rows) attend to it together, the cross-attention cache
+    # as it is, the self-attention cache through k slots per position that never move (network.advance_beams).
+    cache = network.init_decode_cache(cfg, params, encoded, encoder_input_tokens, steps, beams=k)
     max_penalty = length_penalty(jnp.float32(steps), alpha)
+    projection = network.output_projection(cfg, params)
 
     def keep_going(state):
         position, _, live_logp, _, finished_scores, finished, _ = state
@@ -211,7 +201,9 @@ def beam_search(
     def step(state):
         position, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache = state
         previous = jnp.where(position > 0, live_seqs[:, :, jnp.maximum(position - 1, 0)], 0)
-        logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous.reshape(-1))
+        logits, cache = network.decode_step(
+            cfg, params, cache, encoded, encoder_input_tokens, previous.reshape(-1), projection
+        )
         log_probs = _masked_log_probs(logits, limit).reshape(batch, k, -1)
         vocab = log_probs.shape[-1]
         candidates = (live_logp[:, :, None] + log_probs).reshape(batch, k * vocab)
@@ -243,7 +235,7 @@ def beam_search(
         live_seqs = jax.lax.dynamic_update_slice(
             live_seqs, jnp.take_along_axis(token, keep, axis=1)[:, :, None], (0, 0, position)
         )
-        cache = _reorder_self_attention_cache(cfg, cache, lambda x, axis: _gather_beams(x, parent, batch, k, axis))
+        cache = network.advance_beams(cache, parent, position)
         return position + 1, live_seqs, live_logp, finished_seqs, finished_scores, finished, cache
 
     # All beams start identical, so only the first may expand at step 0.

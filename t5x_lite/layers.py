@@ -372,6 +372,28 @@ def fused_attention(
     )
 
 
+def _write_step(cached_key, cached_value, new_key: jax.Array, new_value: jax.Array, index: jax.Array):
+    """Write one decoding step's keys/values ([rows, 1, heads, d_kv]) into the head-major self-attention cache.
+
+    Greedy and sampling: one cache row per query row, the step at position ``index``. Beam search: one cache row
+    per example holding all its beam slots, keys [examples, heads, d_kv, length x beams] ordered (position, slot),
+    so the step's beams land side by side at ``index * beams`` and no beam's history ever moves.
+    """
+    rows, length, heads, d_kv = new_key.shape
+    cache_rows = cached_key.value.shape[0]
+    beams = rows // cache_rows
+    if beams > 1 and length != 1:
+        raise ValueError(f"beam-search decoding writes one position per step, got {length}")
+    new_key = new_key.reshape(cache_rows, beams * length, heads, d_kv)
+    new_value = new_value.reshape(cache_rows, beams * length, heads, d_kv)
+    start = index * beams
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, new_key.transpose(0, 2, 3, 1), (0, 0, 0, start))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, new_value.transpose(0, 2, 1, 3), (0, 0, start, 0)
+    )
+    return cached_key.value, cached_value.value
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention with an optional key/value cache for step-by-step decoding.
 
@@ -444,8 +466,9 @@ class MultiHeadAttention(nn.Module):
                 key = self.get_variable("cache", "cached_key")
                 value = self.get_variable("cache", "cached_value")
             else:
-                key = projection(name="key")(inputs_kv).transpose(0, 2, 3, 1)
-                value = projection(name="value")(inputs_kv).transpose(0, 2, 1, 3)
+                new_key = projection(name="key")(inputs_kv)  # [rows, length, heads, d_kv]
+                new_value = projection(name="value")(inputs_kv)
+                key, value = new_key.transpose(0, 2, 3, 1), new_value.transpose(0, 2, 1, 3)
                 if is_cross_attention:
                     self.put_variable("cache", "cached_key", key)
                     self.put_variable("cache", "cached_value", value)
@@ -455,22 +478,18 @@ class MultiHeadAttention(nn.Module):
                     if cache_ready:
                         if decode_index is None:
                             raise ValueError("self-attention in decode mode needs decode_index")
-                        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, 0, decode_index))
-                        cached_value.value = jax.lax.dynamic_update_slice(
-                            cached_value.value, value, (0, 0, decode_index, 0)
-                        )
-                        key, value = cached_key.value, cached_value.value
+                        key, value = _write_step(cached_key, cached_value, new_key, new_value, decode_index)
             key = nn.with_logical_constraint(key, ("batch", "heads", "kv", "length"))
             value = nn.with_logical_constraint(value, ("batch", "heads", "length", "kv"))
             query_rows = query.shape[0]
-            if is_cross_attention and key.shape[0] != query_rows:
-                # Beam search: the encoder cache holds one row per example and the queries are the example's
-                # beams, adjacent. The beams attend as extra query positions of their example, so the cache is
-                # read once per example instead of once per beam.
+            if key.shape[0] != query_rows:
+                # Beam search: a cache row belongs to one example and the queries are the example's beams,
+                # adjacent. The beams attend as extra query positions of their example, so the cache is read once
+                # per example instead of once per beam (the self-attention bias says which keys each beam sees).
                 if query_rows % key.shape[0]:
                     raise ValueError(
-                        f"cross-attention cache has {key.shape[0]} rows for {query_rows} query rows; the query "
-                        "rows must be a whole number of (adjacent) beams per cached example"
+                        f"attention cache has {key.shape[0]} rows for {query_rows} query rows; the query rows must "
+                        "be a whole number of (adjacent) beams per cached example"
                     )
                 query = query.reshape((key.shape[0], -1) + query.shape[2:])
             logits = jnp.einsum("bqhd,bhdk->bhqk", query, key, preferred_element_type=jnp.float32)
@@ -480,7 +499,12 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0:
             weights = Dropout(rate=self.dropout_rate, generator=self.dropout_generator)(weights, deterministic=False)
-        context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
+        if decode:
+            # [b, h, q, d_kv] first, then the transpose: asked for "bqhd" directly, XLA's CPU backend computes the
+            # beam-search step's [b, h, beams, length] x [b, h, length, d_kv] as a transposed dot, 14x slower.
+            context = jnp.einsum("bhqk,bhkd->bhqd", weights, value).transpose(0, 2, 1, 3)
+        else:
+            context = jnp.einsum(f"bhqk,{value_spec}->bqhd", weights, value)
         context = context.reshape(inputs_q.shape[:2] + context.shape[2:])
         return self._project_out(context, inputs_q.shape[-1])
 

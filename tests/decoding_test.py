@@ -21,6 +21,16 @@ MODELS = {
     "v1_1_gated_untied_scanned": dict(
         SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, scan_layers=True
     ),
+    "classic_post_ln_sinusoidal": dict(
+        SMALL,
+        norm_type="layernorm",
+        norm_position="post",
+        position_embedding="sinusoidal",
+        scale_qk=True,
+        scale_embeddings=True,
+        use_bias=True,
+        rescale_logits=False,
+    ),
 }
 
 
@@ -39,6 +49,16 @@ def _inputs(batch: int, vocab: int, seed: int = 0) -> jax.Array:
     tokens = np.random.default_rng(seed).integers(2, vocab, (batch, 7))
     tokens[1 % batch, 4:] = 0  # a padded row
     return jnp.asarray(tokens, jnp.int32)
+
+
+def test_first_argmax_is_argmax_with_ties_to_the_first_index():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, (64, 37)).astype(np.float32)  # many ties
+    x[5] = decoding.NEG_INF
+    x[6, 10:] = x[6].max() + 1.0  # the first of a run of equal maxima
+    np.testing.assert_array_equal(decoding.first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+    y = rng.normal(size=(2, 3, 300)).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(decoding.first_argmax)(jnp.asarray(y)), np.argmax(y, axis=-1))
 
 
 def test_greedy_tokens_are_the_argmax_of_the_full_pass_on_them():
