@@ -16,8 +16,10 @@ from t5x_lite.network import TransformerConfig
 
 T5_VOCAB_SIZE = 32128  # the T5 SentencePiece vocabulary (32,000 pieces + 100 sentinels), padded to a multiple of 128
 
-_T5_V1_0 = dict(mlp_activation="relu", tie_word_embeddings=True, rescale_logits=True, vocab_size=T5_VOCAB_SIZE)
-_T5_V1_1 = dict(mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, vocab_size=T5_VOCAB_SIZE)
+# init_through_scan: the T5 presets (6 to 24 layers a stack) compile one layer's initializers, not one per layer.
+_T5 = dict(vocab_size=T5_VOCAB_SIZE, init_through_scan=True)
+_T5_V1_0 = dict(_T5, mlp_activation="relu", tie_word_embeddings=True, rescale_logits=True)
+_T5_V1_1 = dict(_T5, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False)
 
 
 def _layers(n: int) -> dict[str, int]:
@@ -44,7 +46,9 @@ _CLASSIC = dict(
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny T5 for tests and demos: every code path of v1.1 at a few thousand parameters per layer.
-    "t5_tiny": dict(_T5_V1_1, vocab_size=512, d_model=64, num_heads=4, d_kv=16, d_ff=128, **_layers(2)),
+    "t5_tiny": dict(
+        _T5_V1_1, vocab_size=512, d_model=64, num_heads=4, d_kv=16, d_ff=128, **_layers(2), init_through_scan=False
+    ),
     # T5 v1.0 (Raffel et al. 2020): ReLU MLP, tied and rescaled output.
     "t5_small": dict(_T5_V1_0, d_model=512, num_heads=8, d_kv=64, d_ff=2048, **_layers(6)),
     "t5_base": dict(_T5_V1_0, d_model=768, num_heads=12, d_kv=64, d_ff=3072, **_layers(12)),

@@ -69,6 +69,9 @@ class TransformerConfig:
     attention_kernel: str = "einsum"  # einsum (any mask, dropout) | xla | cudnn (GPU flash attention, bf16)
     dropout_generator: str = "threefry"  # random bits of dropout masks: threefry (flax's) | hash (cheap on CPUs)
     init_scheme: str = "t5"  # initial weights: t5 (T5X's fan-in scaling) | fairseq (Xavier attention, torch MLP)
+    # Unscanned layers initialized through the scanned layout (``initializer``): XLA compiles one layer's random
+    # initializers instead of one per layer (t5_v1_1_base: 15 s -> 2 s on a CPU). Same distributions, other values.
+    init_through_scan: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -700,15 +703,26 @@ def init_variables(cfg: TransformerConfig, rng: jax.Array, encoder_tokens: jax.A
     return Transformer(cfg.replace(attention_kernel="einsum")).init(rng, encoder_tokens, decoder_tokens)
 
 
+def initializer(cfg: TransformerConfig, encoder_tokens: jax.Array, decoder_tokens: jax.Array):
+    """The function ``rng -> parameters`` (plain arrays) that ``init_params`` and ``init_params_sharded`` compile.
+
+    With ``cfg.init_through_scan`` and unscanned layers it initializes the scanned twin of the model and unstacks
+    its layers: each parameter keeps its shape and initializer (fan-in and fan-out are per layer either way), the
+    embeddings, norms and position tables keep their values, and the layers draw from one stacked key per parameter
+    instead of one key each, so XLA compiles one layer's random initializers instead of one copy per layer.
+    """
+    if cfg.init_through_scan and not cfg.scan_layers:
+        twin = cfg.replace(scan_layers=True)
+        return lambda rng: unscan_params(
+            nn.meta.unbox(init_variables(twin, rng, encoder_tokens, decoder_tokens)["params"]), cfg
+        )
+    return lambda rng: nn.meta.unbox(init_variables(cfg, rng, encoder_tokens, decoder_tokens)["params"])
+
+
 def init_params(cfg: TransformerConfig, rng: jax.Array, input_length: int = 8, target_length: int = 8) -> Any:
     """Initialized parameters (plain arrays, logical-axis boxes removed)."""
     encoder_tokens, decoder_tokens = _dummy_inputs(1, input_length, target_length)
-
-    @jax.jit
-    def init(rng):
-        return nn.meta.unbox(init_variables(cfg, rng, encoder_tokens, decoder_tokens)["params"])
-
-    return init(rng)
+    return jax.jit(initializer(cfg, encoder_tokens, decoder_tokens))(rng)
 
 
 def abstract_params(cfg: TransformerConfig) -> Any:

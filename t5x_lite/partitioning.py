@@ -192,12 +192,8 @@ def init_params_sharded(
     encoder_tokens = jnp.ones((batch, input_length), jnp.int32)
     decoder_tokens = jnp.ones((batch, target_length), jnp.int32)
 
-    def init(rng: jax.Array) -> Any:
-        variables = network.init_variables(cfg, rng, encoder_tokens, decoder_tokens)
-        return nn.meta.unbox(variables["params"])
-
     with activate(mesh, rules):
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return jax.jit(network.initializer(cfg, encoder_tokens, decoder_tokens), out_shardings=shardings)(rng)
 
 
 def _mesh_axes(rules: Rules, logical_name: str) -> tuple[str, ...]:

@@ -448,3 +448,49 @@ def test_return_hidden_and_output_projection_give_the_logits():
         logits = _apply(cfg, params, inputs, targets)
         projected = np.einsum("bld,dv->blv", hidden, network.output_projection(cfg, params))
         np.testing.assert_allclose(projected, logits, rtol=1e-5, atol=1e-5, err_msg=family)
+
+
+# ------------------------------------------------------------------------------------------ initialization
+
+
+def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = np.sort(a.ravel()), np.sort(b.ravel())
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / a.size - np.searchsorted(b, grid, "right") / b.size)))
+
+
+@pytest.mark.parametrize("family", ["t5_v1_1", "classic_post_ln_sinusoidal"])
+def test_init_through_scan_draws_the_same_distributions(family):
+    """``init_through_scan`` gives other values than the per-layer initializers but from the same distribution:
+    per parameter (pooled over the layers) the same scale and a small two-sample KS distance; the layers differ
+    from each other; everything outside the layers is unchanged."""
+    overrides = dict(FAMILIES[family], d_model=64, d_ff=128, num_heads=4, d_kv=16, vocab_size=64)
+    overrides.update(num_encoder_layers=6, num_decoder_layers=6, use_bias=False)
+    cfg = TransformerConfig(**overrides)
+    rng = jax.random.key(7)
+    plain = traverse_util.flatten_dict(jax.device_get(network.init_params(cfg, rng)))
+    fast = traverse_util.flatten_dict(jax.device_get(network.init_params(cfg.replace(init_through_scan=True), rng)))
+    assert plain.keys() == fast.keys()
+    pooled: dict[tuple, list] = {}
+    for path, value in plain.items():
+        assert fast[path].shape == value.shape, path
+        layer = next((p for p in path if p.startswith("layers_")), None)
+        if layer is None:
+            np.testing.assert_array_equal(fast[path], value, err_msg=f"{path} is outside the layers")
+            continue
+        kind = tuple(p for p in path if p != layer)
+        pooled.setdefault(kind, []).append((value, fast[path]))
+    random_kinds = 0
+    for kind, pairs in pooled.items():
+        old = np.concatenate([v.ravel() for v, _ in pairs])
+        new = np.concatenate([v.ravel() for _, v in pairs])
+        if old.std() == 0:  # constant initializers (norm scales): identical
+            np.testing.assert_array_equal(new, old, err_msg=str(kind))
+            continue
+        random_kinds += 1
+        assert not np.array_equal(pairs[0][1], pairs[1][1]), f"{kind}: layers 0 and 1 drew the same values"
+        assert abs(new.std() / old.std() - 1) < 0.05, kind
+        assert abs(new.mean() - old.mean()) < 0.05 * old.std(), kind
+        assert _ks_distance(old, new) < 3.0 * np.sqrt(2.0 / old.size), kind  # far beyond the 0.1% critical value
+    assert random_kinds >= 6
