@@ -457,7 +457,8 @@ def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     a, b = np.sort(a.ravel()), np.sort(b.ravel())
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / a.size - np.searchsorted(b, grid, "right") / b.size)))
+    cdf_a, cdf_b = np.searchsorted(a, grid, "right") / a.size, np.searchsorted(b, grid, "right") / b.size
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 @pytest.mark.parametrize("family", ["t5_v1_1", "classic_post_ln_sinusoidal"])

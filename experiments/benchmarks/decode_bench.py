@@ -34,26 +34,20 @@ run ``new_tokens`` steps with 4 live beams per row and rank the 4 survivors of t
 should agree too (printed as a sanity line, like the fraction of identical greedy rows; float32 differences
 between XLA and PyTorch can split near-ties, so a few rows may differ).
 
-The figures just below were taken on a loaded machine (other jobs sharing the 2 cores slow PyTorch far more
-than XLA); on the idle machine the same command gave greedy 1.00x and beam 4 0.94x (2026-12-01, an Intel Xeon
-host) and 1.81-2.16x and 1.71-1.72x (2026-12-02, an AMD EPYC host; QUIET runs in NOTES.md). Quote only figures
-from ``../shared/tools/quiet-run`` runs that end QUIET.
+Hardware and time. The 2-core development machine (an AMD EPYC host, KVM, 24 GiB), idle: jax 0.10.2 (XLA CPU,
+2 threads), torch 2.13 CPU (2 intra-op threads), transformers 5.24 (T5 attention "sdpa"). One full run takes
+about 85 s; ``--quick`` about 20 s.
 
-Hardware and time. Intel Xeon @ 2.50 GHz (AVX-512), 2 cores shared with a background training run (load
-average 5-7), 24 GiB; jax 0.10.2 (XLA CPU, 2 threads), torch 2.13 CPU (2 intra-op threads), transformers 5.24
-(T5 attention "sdpa"). The full run takes about 14 minutes there (four runs per side and method: warm-up + 3);
-``--quick`` takes about 20 s.
+Measured QUIET on 2026-12-02 at code 2fc4957, ``../shared/tools/quiet-run -- python
+experiments/benchmarks/decode_bench.py`` (defaults), three runs (every figure and the history of changes in
+experiments/benchmarks/NOTES.md, "decode_bench: t5x_lite vs Hugging Face generate"):
 
-Measured 2026-11-26 with head-major key/value caches (after e70a509), ``--model t5_small --batch 32
---new_tokens 64 --input_length 64 --repeats 3`` (medians; every row in experiments/benchmarks/NOTES.md
-"decode_bench: t5x_lite vs Hugging Face generate"):
+    greedy  t5x_lite 1,267 / 1,544 / 1,391 tokens/s   hf 550 / 685 / 662 tokens/s   ratio 2.30x / 2.26x / 2.10x
+    beam4   t5x_lite   519 /   573 /   514 tokens/s   hf 215 / 224 / 232 tokens/s   ratio 2.41x / 2.56x / 2.22x
 
-    greedy  t5x_lite 200.0 tokens/s (10.2 s, compile 9.0 s)   hf 73.9 tokens/s (27.7 s)   ratio 2.71x
-    beam4   t5x_lite  76.8 tokens/s (26.7 s, compile 5.8 s)   hf 29.9 tokens/s (68.6 s)   ratio 2.57x
-
-All 32 greedy rows and all 32 top beams identical on both sides; 64 tokens per row on both. The beam-4 target
-(2x) is met. At e70a509 (caches [batch, length, heads, d_kv]) beam-4 was 1.24x, and before it (top_k falling
-back to a full sort) 0.39x.
+All 32 greedy rows and all 32 top beams were identical on both sides, with 64 tokens per row. Quote only
+figures from ``../shared/tools/quiet-run`` runs that end QUIET. Ratios taken while other jobs share the cores
+flatter t5x_lite, because the load slows PyTorch more than XLA.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ time of ``--steps`` steps after one untimed step. All runs share one process, so
 A run is ``model:batch:attention_kernel[:remat]``. First, each fused kernel in the list is compared with the einsum
 path on a small model over ragged rows (logits and gradients; the timed runs use full-length rows).
 
+``--matmul_peak 8192`` times a bf16 8192^3 matmul instead: the chip's measured peak, beside its datasheet's.
+
 Hardware: one GPU (or TPU); on a CPU only ``--quick`` is sensible. Time: about 2 minutes a run on an H200, of which
 compilation is 22 to 34 s. Result: one line per run and a Markdown table (step time, target and all tokens/s, MFU
 against the device's dense bf16 peak, memory); experiments/results/gpu.md records the measured table.
@@ -54,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget_s", type=float, default=420.0, help="start no run after this many seconds")
     parser.add_argument("--output", default="", help="write the runs as JSON here")
     parser.add_argument("--quick", action="store_true", help="t5_tiny, 32/32 tokens: checks that the script runs")
+    parser.add_argument(
+        "--matmul_peak",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time an N x N x N matmul in --dtype instead (8192: the H200's measured peak in gpu.md) and exit",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.input_len, args.target_len, args.steps, args.rounds = (
@@ -178,8 +187,28 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def matmul_peak(n: int, dtype: str, repeats: int = 20) -> dict:
+    """What the chip really does: TFLOP/s of an ``n^3`` matmul in ``dtype``, the best of 3 rounds of ``repeats``."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            out = matmul(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - begin) / repeats)
+    return dict(check=f"{n}^3 {dtype} matmul", seconds=best, tflops=2 * n**3 / best / 1e12)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.matmul_peak:
+        device = jax.devices()[0]
+        print(json.dumps(dict(matmul_peak(args.matmul_peak, args.dtype), device=device.device_kind)))
+        return
     runs = [parse_run(spec) for spec in args.runs.split(",") if spec.strip()]
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {args.dtype}, dropout 0, ", end="")
