@@ -7,7 +7,7 @@ step (AdamW, loss, gradients) of a T5 v1.0 model of t5_small width at 6+6 and at
 prints the times and the 24+24 / 6+6 ratios (target with scan: <= 1.5). Then it compiles t5_small's step with
 remat none / minimal / full and prints XLA's ``memory_analysis()`` temporary bytes for each.
 
-    python experiments/benchmarks/compile_bench.py            # about 6 minutes on 2 CPU cores
+    python experiments/benchmarks/compile_bench.py            # about 80 s on 2 idle CPU cores (QUIET, 2026-12-02)
     python experiments/benchmarks/compile_bench.py --quick    # narrow model, under a minute
 
 Hardware: any (compilation for the local backend). Result: see experiments/benchmarks/NOTES.md.

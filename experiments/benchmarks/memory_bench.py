@@ -5,7 +5,7 @@ after it exits, with one child per measurement. The demo run is what ``make demo
 set-up. The t5_small run trains t5_small v1.0 (60.5M parameters) on the demo task for ``--steps`` steps at
 batch 8.
 
-    python experiments/benchmarks/memory_bench.py              # about 5 minutes on 2 CPU cores
+    python experiments/benchmarks/memory_bench.py              # about 85 s on 2 idle CPU cores (QUIET, 2026-12-02)
     python experiments/benchmarks/memory_bench.py --quick      # the demo for 50 steps only
 
 For the compiled temporary memory by ``remat_policy``, see compile_bench.py. The measured figures are in
