@@ -101,6 +101,8 @@ def build_models(args):
     with torch.no_grad():
         model.shared.weight[EOS_ID] = 0.0  # tied: EOS's output logit is exactly 0, far below the best token
     cfg, params = convert.params_from_hf(model.state_dict(), hf_config)
+    # init_through_scan says how fresh parameters are drawn; converted weights are not drawn
+    cfg = cfg.replace(init_through_scan=target.init_through_scan)
     if cfg != target:
         raise SystemExit(f"converted config differs from the {args.model} preset:\n{cfg}\n{target}")
     params = jax.device_put(jax.tree.map(jnp.asarray, params))
