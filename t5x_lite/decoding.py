@@ -28,10 +28,14 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _mask_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
+    """Logits (float32) with the padded ids, at or above ``vocab_limit``, set to NEG_INF."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
+
+
 def _masked_log_probs(logits: jax.Array, vocab_limit: int) -> jax.Array:
     """log-softmax over the first ``vocab_limit`` ids; padded ids get NEG_INF."""
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.log_softmax(_mask_vocab(logits, vocab_limit), axis=-1)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -72,7 +76,7 @@ def _decode_loop(
     def step(carry):
         position, tokens, scores, cache, done, previous = carry
         logits, cache = network.decode_step(cfg, params, cache, encoded, encoder_input_tokens, previous, projection)
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, NEG_INF)
+        logits = _mask_vocab(logits, limit)
         chosen = jnp.where(done, 0, choose(logits, position).astype(jnp.int32))
         picked = jnp.take_along_axis(logits, chosen[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
         scores = scores + jnp.where(done, 0.0, picked)

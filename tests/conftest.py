@@ -14,6 +14,17 @@ os.environ.setdefault("T5X_LITE_COMPILATION_CACHE", "none")
 
 import pytest  # noqa: E402
 
+# The classic Transformer's settings (post-LN, sinusoidal positions, biases), for small test configs.
+CLASSIC_POST_LN_SINUSOIDAL = dict(
+    norm_type="layernorm",
+    norm_position="post",
+    position_embedding="sinusoidal",
+    scale_qk=True,
+    scale_embeddings=True,
+    use_bias=True,
+    rescale_logits=False,
+)
+
 
 def random_params(cfg, seed: int = 0):
     """Parameters of ``cfg`` drawn with NumPy: no compilation (jit-compiling an init costs ~8 s on 2 CPU cores,

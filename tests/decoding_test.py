@@ -12,7 +12,7 @@ import pytest
 
 from t5x_lite import decoding
 from t5x_lite.network import Transformer, TransformerConfig
-from tests.conftest import random_params
+from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL, random_params
 
 EOS = 1
 SMALL = dict(vocab_size=24, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=2)
@@ -21,16 +21,7 @@ MODELS = {
     "v1_1_gated_untied_scanned": dict(
         SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, scan_layers=True
     ),
-    "classic_post_ln_sinusoidal": dict(
-        SMALL,
-        norm_type="layernorm",
-        norm_position="post",
-        position_embedding="sinusoidal",
-        scale_qk=True,
-        scale_embeddings=True,
-        use_bias=True,
-        rescale_logits=False,
-    ),
+    "classic_post_ln_sinusoidal": dict(SMALL, **CLASSIC_POST_LN_SINUSOIDAL),
 }
 
 

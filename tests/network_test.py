@@ -14,7 +14,7 @@ from flax import traverse_util
 from configs.common import get_model_config
 from t5x_lite import network
 from t5x_lite.network import Transformer, TransformerConfig
-from tests.conftest import random_params
+from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL, random_params
 
 SMALL = dict(
     vocab_size=60, d_model=16, num_heads=2, d_ff=24, num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0
@@ -26,16 +26,7 @@ FAMILIES = {
     "t5_v1_1": dict(
         SMALL, mlp_activation="gated-gelu", tie_word_embeddings=False, rescale_logits=False, num_heads=3, d_kv=5
     ),
-    "classic_post_ln_sinusoidal": dict(
-        SMALL,
-        norm_type="layernorm",
-        norm_position="post",
-        position_embedding="sinusoidal",
-        scale_qk=True,
-        scale_embeddings=True,
-        use_bias=True,
-        rescale_logits=False,
-    ),
+    "classic_post_ln_sinusoidal": dict(SMALL, **CLASSIC_POST_LN_SINUSOIDAL),
     "classic_pre_ln_learned_unshared": dict(
         SMALL,
         norm_type="layernorm",
