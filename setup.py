@@ -11,7 +11,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["t5x_lite", "t5x_lite.*", "configs"]),
+    packages=find_packages(include=["t5x_lite", "t5x_lite.*"]),
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -31,10 +31,22 @@ setup(
     ],
     extras_require={
         # torch is pinned: it is a CPU wheel on the build machines; an unpinned torch pulls a multi-GB CUDA build.
-        "dev": ["pytest>=8", "ruff>=0.6", "hypothesis>=6", "torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "hypothesis>=6",
+            "torch==2.13.0",
+            "transformers>=5",
+            "safetensors>=0.4",
+            "submitit>=1.5",  # the sweep's SLURM backend, tested through its LocalExecutor
+            "matplotlib>=3.7",  # learning curves and sweep curves
+        ],
         "tf": ["tensorflow-cpu"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
-        "plot": ["matplotlib>=3.7"],  # learning curves of experiments/translation_report.py
+        "plot": ["matplotlib>=3.7"],  # learning curves of experiments/translation_report.py and t5x_lite.sweep
+        # launching sweeps on clusters (t5x_lite.sweep --backend slurm / skypilot). SkyPilot pins an older click
+        # than transformers' hub client wants, so install this extra where you launch from, not with [dev].
+        "launch": ["submitit>=1.5", "skypilot>=0.9"],
     },
 )

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import default_train_config, parse_options
+from t5x_lite.config_files import default_train_config, parse_options
 
 SIZES = ("small", "base", "large", "xl", "xxl")
-_DEFAULTS = {
+OPTIONS = {
     "size": "small",
     "batch_size": 2048,
     "steps": 1_000_000,
@@ -47,7 +47,7 @@ _DEFAULTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = parse_options(arg, _DEFAULTS, "configs/c4_span_corruption.py")
+    options = parse_options(arg, OPTIONS, "configs/c4_span_corruption.py")
     size = options["size"]
     if size not in SIZES:
         raise ValueError(f"configs/c4_span_corruption.py: size={size!r} is unknown; choose one of {', '.join(SIZES)}")

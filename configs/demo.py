@@ -6,19 +6,30 @@ Time:      `make demo` on a fresh clone, 2 CPU cores: 3m14s in all (venv install
 Result:    exact match 98.3% on the 1,000 held-out test numbers (eval loss 0.019), printed at the end.
 
 Options: ``--config configs/demo.py:steps=500`` (any of steps, batch_size) and ``--config.key=value`` overrides.
+
+Sweep:     python -m t5x_lite.sweep --config configs/demo.py:steps=30 --workdir_root /tmp/demo_sweep --parallel 2
+           (the 3 learning rates of ``sweep`` below; about 2 minutes on 2 CPU cores; summary.md and curves.png)
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs.common import default_train_config, parse_options
+from t5x_lite.config_files import default_train_config, parse_options
+
+OPTIONS = {"steps": 600, "batch_size": 64}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = parse_options(arg, {"steps": 600, "batch_size": 64}, "configs/demo.py")
+    options = parse_options(arg, OPTIONS, "configs/demo.py")
     config = default_train_config()  # the demo's settings are the defaults
     config.num_train_steps = options["steps"]
     config.decay_steps = options["steps"]
     config.batch_size = options["batch_size"]
     return config
+
+
+def sweep(add) -> None:
+    """Three peak learning rates around the default 3e-3 (``python -m t5x_lite.sweep``)."""
+    for learning_rate in (1e-3, 3e-3, 1e-2):
+        add(learning_rate=learning_rate)

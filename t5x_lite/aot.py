@@ -29,8 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from configs.common import get_model_config  # noqa: E402
 from t5x_lite import flops, network, optimizers, partitioning, tpu_topology, trainer  # noqa: E402
+from t5x_lite.presets import get_model_config  # noqa: E402
 from t5x_lite.tpu_topology import GiB, Topology, parse_topology, quiet_stderr, topology_devices  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------

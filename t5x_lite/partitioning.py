@@ -256,6 +256,52 @@ def validate(cfg: network.TransformerConfig, mesh: Mesh, global_batch_size: int,
 # --------------------------------------------------------------------------------------------------------------
 
 
+COORDINATOR_PORT_ENV = "T5X_LITE_COORDINATOR_PORT"  # SkyPilot runs: the port of the coordinator on node 0
+DEFAULT_COORDINATOR_PORT = 8476
+
+
+def cluster_environment() -> tuple[str, dict[str, Any]]:
+    """Which launcher started this process as one of several, and ``jax.distributed.initialize``'s arguments.
+
+    - ``slurm``: a SLURM job step of more than one task (``srun``); jax reads SLURM's variables itself.
+    - ``skypilot``: a SkyPilot task on more than one node (``num_nodes``): one process per node, node 0
+      (the first of ``SKYPILOT_NODE_IPS``) coordinating on port ``$T5X_LITE_COORDINATOR_PORT`` (8476).
+    - ``tpu``: a Cloud TPU VM (a Google PCI device and libtpu): jax finds the slice's other hosts itself;
+      on a single host it joins a one-process cluster, which jax recommends there too.
+    - ``none``: one process (``T5X_LITE_DISTRIBUTED=0`` forces this).
+    """
+    if os.environ.get("T5X_LITE_DISTRIBUTED", "1") == "0":
+        return "none", {}
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ:
+        return "slurm", {}
+    node_ips = os.environ.get("SKYPILOT_NODE_IPS", "").split()
+    if len(node_ips) > 1 and "SKYPILOT_NODE_RANK" in os.environ:
+        port = int(os.environ.get(COORDINATOR_PORT_ENV, DEFAULT_COORDINATOR_PORT))
+        return "skypilot", dict(
+            coordinator_address=f"{node_ips[0]}:{port}",
+            num_processes=len(node_ips),
+            process_id=int(os.environ["SKYPILOT_NODE_RANK"]),
+        )
+    if _on_cloud_tpu_vm():
+        return "tpu", {}
+    return "none", {}
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A Google TPU on the PCI bus (vendor 0x1ae0) and libtpu installed, read without starting any backend."""
+    import glob
+    import importlib.util
+
+    google = False
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                google = google or f.read().strip() == "0x1ae0"
+        except OSError:
+            continue
+    return google and importlib.util.find_spec("libtpu") is not None
+
+
 def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -263,17 +309,17 @@ def maybe_initialize_distributed(
 ) -> tuple[int, int]:
     """Join the other processes of a multi-host run; return ``(process_index, process_count)``.
 
-    Calls ``jax.distributed.initialize`` when given explicit arguments, or inside a SLURM job step of more
-    than one task (``srun``: jax reads the coordinator, count and rank from SLURM's variables); otherwise
-    (one process) it does nothing. Call it before anything else touches jax devices.
+    Calls ``jax.distributed.initialize`` with explicit arguments when given, else as ``cluster_environment``
+    says (under ``srun``, on a multi-node SkyPilot task, on a Cloud TPU VM); a plain run of one process is left
+    alone. Call it before anything else touches jax devices.
     """
-    explicit = any(value is not None for value in (coordinator_address, num_processes, process_id))
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ
-    if (explicit or slurm) and not jax.distributed.is_initialized():
-        if explicit:
+    if not jax.distributed.is_initialized():
+        if any(value is not None for value in (coordinator_address, num_processes, process_id)):
             jax.distributed.initialize(coordinator_address, num_processes, process_id)
         else:
-            jax.distributed.initialize()
+            kind, arguments = cluster_environment()
+            if kind != "none":
+                jax.distributed.initialize(**arguments)
     return jax.process_index(), jax.process_count()
 
 

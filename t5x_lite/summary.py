@@ -2,7 +2,7 @@
 
     python -m t5x_lite.summary --model t5_small [--batch 2 --input_length 32 --target_length 16]
 
-Shows, for a preset of ``configs/common.py``, every parameter with its shape and logical axes, the total
+Shows, for a preset of ``t5x_lite/presets.py``, every parameter with its shape and logical axes, the total
 count, the time of a jit-compiled forward pass, and that step-by-step cached decoding reproduces it.
 """
 
@@ -34,7 +34,7 @@ def parameter_table(cfg: network.TransformerConfig) -> list[tuple[str, tuple[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from configs.common import PRESETS, get_model_config
+    from t5x_lite.presets import PRESETS, get_model_config
 
     parser = argparse.ArgumentParser(prog="python -m t5x_lite.summary", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="t5_small", choices=sorted(PRESETS))

@@ -22,12 +22,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs.common import get_model_config
 from t5x_lite import checkpoints, compile_cache, flops, metrics, models, network, optimizers, partitioning, trainer
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.evaluation import evaluate_split
+from t5x_lite.presets import get_model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")

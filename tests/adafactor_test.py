@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs.common import get_model_config
 from t5x_lite import adafactor, network, optimizers
+from t5x_lite.presets import get_model_config
 
 # name: (shape, logical axes, (batch dims, row dims, column dims) or (batch dims, None) when not factored)
 PARAMS = {

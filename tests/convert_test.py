@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import PRESETS, get_model_config, hf_t5_config
 from t5x_lite import convert, network
 from t5x_lite.network import Transformer
+from t5x_lite.presets import PRESETS, get_model_config, hf_t5_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

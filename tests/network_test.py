@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs.common import get_model_config
 from t5x_lite import network
 from t5x_lite.network import Transformer, TransformerConfig
+from t5x_lite.presets import get_model_config
 from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL, random_params
 
 SMALL = dict(

@@ -163,8 +163,15 @@ def test_validate_ignores_dimensions_the_rules_leave_whole():
 
 
 def test_maybe_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
-    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    for name in ("SLURM_NTASKS", "SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert partitioning.cluster_environment() == ("none", {})
     assert partitioning.maybe_initialize_distributed() == (0, 1)
+    assert not jax.distributed.is_initialized()
+    # SkyPilot on one node: nothing to join.
+    monkeypatch.setenv("SKYPILOT_NODE_IPS", "10.0.0.5\n")
+    monkeypatch.setenv("SKYPILOT_NODE_RANK", "0")
+    assert partitioning.cluster_environment() == ("none", {})
     # An sbatch allocation of 4 tasks, but this python not started by srun: still one process.
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.delenv("SLURM_STEP_NODELIST", raising=False)
@@ -323,6 +330,88 @@ def _two_process_worker(process_id: int, port: int) -> None:
         "rows": np.asarray(rows).tolist(),
     }
     print(json.dumps(report), flush=True)
+
+
+def test_cluster_environment_reads_skypilot_and_slurm_variables(monkeypatch):
+    monkeypatch.setenv("SKYPILOT_NODE_IPS", "10.0.0.5\n10.0.0.6\n10.0.0.7")
+    monkeypatch.setenv("SKYPILOT_NODE_RANK", "2")
+    monkeypatch.setenv("T5X_LITE_COORDINATOR_PORT", "9999")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    kind, arguments = partitioning.cluster_environment()
+    assert kind == "skypilot"
+    assert arguments == dict(coordinator_address="10.0.0.5:9999", num_processes=3, process_id=2)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[001-002]")
+    assert partitioning.cluster_environment() == ("slurm", {})  # srun's variables win: jax reads them itself
+    monkeypatch.setenv("T5X_LITE_DISTRIBUTED", "0")
+    assert partitioning.cluster_environment() == ("none", {})
+
+
+def _env_worker() -> None:
+    """A process that joins its peers only from its launcher's environment variables; prints one JSON line."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kind, _ = partitioning.cluster_environment()
+    index, count = partitioning.maybe_initialize_distributed()
+    total = jax.jit(lambda x: jnp.sum(x))(
+        partitioning.host_local_to_global(np.full((2, 1), index + 1, np.int32), partitioning.make_mesh((-1, 1, 1)))
+    )
+    print(json.dumps({"kind": kind, "index": index, "count": count, "sum": int(total)}), flush=True)
+
+
+def _run_env_workers(envs: list[dict[str, str]]) -> list[dict]:
+    code = "from tests.partitioning_test import _env_worker; _env_worker()"
+    processes = []
+    for extra in envs:
+        env = cpu_subprocess_env(**extra)
+        for name in ("SLURM_NTASKS", "SLURM_STEP_NODELIST", "SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK"):
+            if name not in extra:
+                env.pop(name, None)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        return [_report(p, timeout=180) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def test_two_processes_join_from_skypilot_variables():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = {
+        "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
+        "SKYPILOT_NUM_NODES": "2",
+        "T5X_LITE_COORDINATOR_PORT": str(port),
+    }
+    reports = _run_env_workers([dict(common, SKYPILOT_NODE_RANK=str(i)) for i in range(2)])
+    for i, report in enumerate(reports):
+        assert report == {"kind": "skypilot", "index": i, "count": 2, "sum": 2 * 1 + 2 * 2}
+
+
+def test_two_processes_join_from_slurm_variables():
+    # jax's SLURM support puts the coordinator on the first node at port 61440 + SLURM_JOB_ID % 4096.
+    for job_id in range(100, 4096, 97):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 61440 + job_id))
+                break
+            except OSError:
+                continue
+    common = {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2"}
+    reports = _run_env_workers([dict(common, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)) for i in range(2)])
+    for i, report in enumerate(reports):
+        assert report == {"kind": "slurm", "index": i, "count": 2, "sum": 2 * 1 + 2 * 2}
 
 
 def test_two_processes_build_one_global_batch():

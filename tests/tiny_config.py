@@ -5,13 +5,17 @@ python -m t5x_lite.train --config tests/tiny_config.py:steps=40 --workdir DIR
 
 from __future__ import annotations
 
-from configs import demo
+import os
+
+from t5x_lite import config_files
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
 def get_config(arg: str | None = None):
     options = dict(part.split("=") for part in filter(None, (arg or "").split(",")))
     steps = int(options.pop("steps", 12))
-    config = demo.get_config(f"steps={steps},batch_size={options.pop('batch_size', 8)}")
+    config = config_files.load_config(f"{DEMO}:steps={steps},batch_size={options.pop('batch_size', 8)}")
     if options:
         raise ValueError(f"tests/tiny_config.py: unknown options {sorted(options)}")
     config.model_overrides.update(

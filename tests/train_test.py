@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, metrics, train
+from t5x_lite import checkpoints, config_files, metrics, train
 from tests import tiny_config
 
 
@@ -142,10 +143,11 @@ def test_early_stopping_counts_evaluations_without_improvement():
 def test_bucketed_translation_run_logs_validation_bleu_and_resumes_exactly(shared_data, tmp_path):
     """configs/multi30k.py on a tiny model: length-bucketed batches, the fused loss, hash dropout, greedy
     validation BLEU (eval/tok_bleu, eval/bleu) every few steps, and a resumed run equal to a straight one."""
-    from configs import multi30k
 
     def config(steps):  # no cooldown: it depends on num_train_steps, which the interrupted run below shortens
-        cfg = multi30k.get_config(f"steps={steps},cooldown=0,batch_tokens=512,eval_every=4")
+        cfg = config_files.load_config(
+            f"{os.path.dirname(__file__)}/../configs/multi30k.py:steps={steps},cooldown=0,batch_tokens=512,eval_every=4"
+        )
         cfg.data_dir = str(shared_data)
         cfg.vocab_cache_dir = str(tmp_path / "vocab_cache")
         cfg.model_overrides.update(dict(d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1))

@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-from configs.common import get_model_config  # noqa: E402
 from experiments.benchmarks.train_bench import make_batch  # noqa: E402
 from t5x_lite import partitioning, trainer  # noqa: E402
+from t5x_lite.presets import get_model_config  # noqa: E402
 
 
 def compile_step(cfg, batch_rows: int, input_len: int, target_len: int):

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs.common import get_model_config
 from t5x_lite import network
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
+from t5x_lite.presets import get_model_config
 
 
 def examples_in(batch) -> int:

@@ -65,8 +65,8 @@ import numpy as np
 import torch
 import transformers
 
-from configs.common import get_model_config
 from t5x_lite import convert, decoding
+from t5x_lite.presets import get_model_config
 
 EOS_ID = 1
 BEAMS = 4
@@ -206,7 +206,7 @@ def bench_method(name, beams, args, model, cfg, params):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="t5_small", help="a configs.common preset with a HF T5 counterpart")
+    parser.add_argument("--model", default="t5_small", help="a t5x_lite.presets preset with a HF T5 counterpart")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--input_length", type=int, default=64)

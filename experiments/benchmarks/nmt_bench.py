@@ -44,10 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import multi30k  # noqa: E402
-from t5x_lite import network, optimizers, partitioning, train, trainer  # noqa: E402
+from t5x_lite import config_files, network, optimizers, partitioning, train, trainer  # noqa: E402
 from t5x_lite.data import bucketing, pipeline  # noqa: E402
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary  # noqa: E402
+
+MULTI30K = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "multi30k.py"
+)
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fairseq_driver.py")
 
@@ -240,7 +243,7 @@ ABLATIONS = (
 
 def ablation_config(seed: int, placement=False, bucketed=False, fused=False, hash=False):
     """configs/multi30k.py with the speed changes of NOTES.md undone, cumulatively (the ablation rows)."""
-    config = multi30k.get_config(f"seed={seed}")
+    config = config_files.load_config(f"{MULTI30K}:seed={seed}")
     overrides = {"dropout_rate": 0.3, "dropout_generator": "hash" if hash else "threefry"}
     if not placement:  # T5's placement: dropout on attention weights and MLP activations too
         overrides.update(attention_dropout_rate=None, activation_dropout_rate=None)
@@ -289,7 +292,7 @@ def main(argv=None) -> None:
     if args.ablations:
         run_ablations(args)
         return
-    config = multi30k.get_config(f"seed={args.seed}")
+    config = config_files.load_config(f"{MULTI30K}:seed={args.seed}")
     task = TaskRegistry.get(config.task)
     vocab = task_vocabulary(task)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; task {task.name}, vocabulary {vocab.vocab_size}")

@@ -28,7 +28,7 @@ _CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
 import jax, jax.numpy as jnp
-from configs.common import get_model_config
+from t5x_lite.presets import get_model_config
 from experiments.benchmarks.train_bench import make_batch
 from t5x_lite import compile_cache, network, optimizers, partitioning, trainer
 model, cache, rows, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from configs.common import get_model_config  # noqa: E402
 from t5x_lite import flops, partitioning, trainer  # noqa: E402
+from t5x_lite.presets import get_model_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

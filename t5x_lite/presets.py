@@ -1,5 +1,4 @@
-"""Model-size presets (``get_model_config('t5_v1_1_base', dropout_rate=0.0)`` -> TransformerConfig) and the
-default training config that experiment configs override.
+"""Model-size presets: ``get_model_config('t5_v1_1_base', dropout_rate=0.0)`` -> TransformerConfig.
 
 T5 v1.0 (``t5_small`` ... ``t5_xxl``) and T5 v1.1 (``t5_v1_1_small`` ... ``t5_v1_1_xxl``) match the published
 Hugging Face configs (google-t5/t5-*, google/t5-v1_1-*) layer for layer, so converted checkpoints load into them;
@@ -9,8 +8,6 @@ Hugging Face configs (google-t5/t5-*, google/t5-v1_1-*) layer for layer, so conv
 from __future__ import annotations
 
 from typing import Any
-
-import ml_collections
 
 from t5x_lite.network import TransformerConfig
 
@@ -88,75 +85,3 @@ def hf_t5_config(name: str) -> dict[str, Any]:
     hf = hf_config_from(cfg)
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     return hf
-
-
-def parse_options(arg: str | None, defaults: dict[str, Any], config_file: str) -> dict[str, Any]:
-    """``'steps=500,batch_size=32'`` -> ``defaults`` updated with typed values (big_vision style config args)."""
-    options = dict(defaults)
-    for part in filter(None, (arg or "").split(",")):
-        key, _, value = part.partition("=")
-        if key not in options:
-            raise ValueError(f"{config_file}: unknown option {key!r}; known: {', '.join(options)}")
-        options[key] = type(defaults[key])(value)
-    return options
-
-
-def default_train_config() -> ml_collections.ConfigDict:
-    """Every key ``t5x_lite.train`` reads, with defaults; experiment configs override what they change."""
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.task = "synthetic_numbers"
-    config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
-    config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
-    config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
-    config.pack = True
-    config.prefetch_batches = 2  # batches prepared ahead on a background thread
-    # batch_tokens > 0: length-bucketed batches of at most that many padded tokens (fairseq's --max-tokens)
-    # instead of batch_size rows of the task's full length; needs pack=False and a seq2seq task.
-    config.batch_tokens = 0
-    config.bucket_boundaries = ()  # padded lengths of the buckets; empty: bucketing.default_boundaries
-    config.bucket_row_multiple = 8  # rows of every bucketed batch are a multiple of this (and of the batch shards)
-
-    config.model = "t5_tiny"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})
-
-    config.num_train_steps = 600
-    config.batch_size = 64
-    config.num_microbatches = 1
-    config.optimizer = "adamw"
-    config.learning_rate = 3e-3
-    config.schedule = "cosine"
-    config.warmup_steps = 200
-    config.decay_steps = 600
-    config.end_factor = 0.05
-    config.weight_decay = 0.01
-    config.b2 = 0.98
-    config.eps = 1e-9
-    config.grad_clip_norm = 1.0
-    config.label_smoothing = 0.0
-    config.z_loss = 0.0
-    config.loss_chunk_tokens = 0  # > 0: output projection + loss fused, this many tokens at a time (no logits held)
-
-    config.mesh_shape = (-1, 1, 1)
-    config.partitioning = "data_parallel"
-
-    config.log_every_steps = 100
-    config.eval_every_steps = 600
-    config.eval_split = "test"
-    config.eval_examples = 1000  # 0 = the whole split
-    config.eval_batch_size = 250
-    config.checkpoint_every_steps = 300
-    config.keep_checkpoints = 2  # the last K ...
-    config.keep_best_checkpoints = 0  # ... plus the best K by best_metric (saved at eval steps)
-    config.best_metric = "eval/loss"
-    config.best_mode = "min"
-    config.early_stopping_patience = 0  # stop after this many evals without a better best_metric; 0: never
-    config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
-    config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
-    config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step
-    config.profile_steps = ()  # e.g. (100, 110): a jax.profiler trace of those steps in WORKDIR/profile
-    # evaluation decoding (periodic eval and t5x_lite.evaluate's defaults): beam_size 1 is greedy
-    config.eval_beam_size = 1
-    config.eval_alpha = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha for beam search
-    config.eval_max_decode_length = 0  # 0: the task's target length
-    return config

@@ -1,1 +1,0 @@
-"""Experiment configs (ml_collections) and model-size presets (``configs.common``)."""

@@ -1,0 +1,179 @@
+"""Experiment config files: the default train config they override, their ``path:options`` argument, and
+loading one by path (with its optional ``sweep(add)``) so that the library never imports the ``configs`` folder.
+
+A config file defines ``get_config(arg) -> ConfigDict`` and may define ``sweep(add, arg)`` (or ``sweep(add)``),
+which calls ``add(key=value, ...)`` once per point of a sweep; keys are config keys (``learning_rate``,
+``model_overrides.dropout_rate``) or, for the options the file's ``get_config`` parses, ``options.name``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+
+def parse_options(arg: str | None, defaults: dict[str, Any], config_file: str) -> dict[str, Any]:
+    """``'steps=500,batch_size=32'`` -> ``defaults`` updated with typed values (big_vision style config args)."""
+    options = dict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in options:
+            raise ValueError(f"{config_file}: unknown option {key!r}; known: {', '.join(options)}")
+        options[key] = _typed(value, defaults[key], f"{config_file}: option {key}")
+    return options
+
+
+def _typed(value: str, default: Any, what: str) -> Any:
+    """``value`` converted to the type of ``default`` (``'False'`` -> False, not ``bool('False')``)."""
+    if isinstance(default, bool):
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{what}={value!r} is not a boolean; write true or false")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{what}={value!r} is not a {type(default).__name__}") from None
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """Every key ``t5x_lite.train`` reads, with defaults; experiment configs override what they change."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.task = "synthetic_numbers"
+    config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
+    config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
+    config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
+    config.pack = True
+    config.prefetch_batches = 2  # batches prepared ahead on a background thread
+    # batch_tokens > 0: length-bucketed batches of at most that many padded tokens (fairseq's --max-tokens)
+    # instead of batch_size rows of the task's full length; needs pack=False and a seq2seq task.
+    config.batch_tokens = 0
+    config.bucket_boundaries = ()  # padded lengths of the buckets; empty: bucketing.default_boundaries
+    config.bucket_row_multiple = 8  # rows of every bucketed batch are a multiple of this (and of the batch shards)
+
+    config.model = "t5_tiny"
+    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})
+
+    config.num_train_steps = 600
+    config.batch_size = 64
+    config.num_microbatches = 1
+    config.optimizer = "adamw"
+    config.learning_rate = 3e-3
+    config.schedule = "cosine"
+    config.warmup_steps = 200
+    config.decay_steps = 600
+    config.end_factor = 0.05
+    config.weight_decay = 0.01
+    config.b2 = 0.98
+    config.eps = 1e-9
+    config.grad_clip_norm = 1.0
+    config.label_smoothing = 0.0
+    config.z_loss = 0.0
+    config.loss_chunk_tokens = 0  # > 0: output projection + loss fused, this many tokens at a time (no logits held)
+
+    config.mesh_shape = (-1, 1, 1)
+    config.partitioning = "data_parallel"
+
+    config.log_every_steps = 100
+    config.eval_every_steps = 600
+    config.eval_split = "test"
+    config.eval_examples = 1000  # 0 = the whole split
+    config.eval_batch_size = 250
+    config.checkpoint_every_steps = 300
+    config.keep_checkpoints = 2  # the last K ...
+    config.keep_best_checkpoints = 0  # ... plus the best K by best_metric (saved at eval steps)
+    config.best_metric = "eval/loss"
+    config.best_mode = "min"
+    config.early_stopping_patience = 0  # stop after this many evals without a better best_metric; 0: never
+    config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
+    config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
+    config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step
+    config.profile_steps = ()  # e.g. (100, 110): a jax.profiler trace of those steps in WORKDIR/profile
+    # evaluation decoding (periodic eval and t5x_lite.evaluate's defaults): beam_size 1 is greedy
+    config.eval_beam_size = 1
+    config.eval_alpha = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha for beam search
+    config.eval_max_decode_length = 0  # 0: the task's target length
+    return config
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``'configs/multi30k.py:steps=10'`` -> ``('configs/multi30k.py', 'steps=10')``; no colon: ``(path, None)``."""
+    path, colon, arg = spec.partition(":")
+    return path, (arg if colon else None)
+
+
+def load_module(path: str) -> ModuleType:
+    """The config file at ``path`` as a module (under a private name, so two files never shadow each other)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist (give a path such as configs/demo.py)")
+    name = "t5x_lite_config_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path!r} defines no get_config(arg=None)")
+    return module
+
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The config of ``'path[:options]'``, as ``python -m t5x_lite.train --config`` builds it, with dotted
+    ``overrides`` (``{'model_overrides.dropout_rate': 0.1}``) applied like ``--config.key=value`` flags."""
+    path, arg = split_spec(spec)
+    module = load_module(path)
+    config = module.get_config() if arg is None else module.get_config(arg)
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value, what=path)
+    return config
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any, *, what: str = "config") -> None:
+    """``config.a.b = value`` for ``key='a.b'``; an unknown key is an error that lists the known ones."""
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise KeyError(f"{what}: {'.'.join(parents[: depth + 1])!r} is not a config section (in {key!r})")
+        node = node[part]
+    if leaf not in node and parents != ["model_overrides"]:  # model overrides: any TransformerConfig field
+        known = ", ".join(sorted(node.keys()))
+        raise KeyError(f"{what}: unknown config key {key!r}; known keys here: {known}")
+    node[leaf] = value
+
+
+def file_options(path: str) -> dict[str, Any]:
+    """The options (name -> default) that a config file's ``path:key=value`` argument accepts: its ``OPTIONS``."""
+    return dict(getattr(load_module(path), "OPTIONS", {}))
+
+
+def sweep_points(spec: str) -> list[dict[str, Any]]:
+    """The points that ``sweep(add)`` of the config file declares, each a dict of ``add``'s keyword arguments.
+
+    ``sweep`` may take a second argument: the file's options as parsed from ``spec`` (its ``OPTIONS`` updated
+    by the ``:key=value`` part), so that a sweep can depend on them.
+    """
+    path, arg = split_spec(spec)
+    module = load_module(path)
+    sweep = getattr(module, "sweep", None)
+    if not callable(sweep):
+        raise ValueError(
+            f"{path} defines no sweep(add); add one next to get_config, e.g.\n"
+            "    def sweep(add):\n        for lr in (1e-3, 3e-3):\n            add(learning_rate=lr)"
+        )
+    points: list[dict[str, Any]] = []
+    if len(inspect.signature(sweep).parameters) >= 2:
+        sweep(lambda **point: points.append(point), parse_options(arg, getattr(module, "OPTIONS", {}), path))
+    else:
+        sweep(lambda **point: points.append(point))
+    if not points:
+        raise ValueError(f"{path}: sweep(add) added no point")
+    return points
