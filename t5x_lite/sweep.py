@@ -321,25 +321,36 @@ def run_slurm(items: list[Planned], root: str, args: argparse.Namespace) -> None
             print(f"[sweep] job {job.job_id} of {item.point.name} ended without a result: {error}")
 
 
+SKYPILOT_MOUNT = "/t5x_lite_sweep"  # where a bucket --workdir_root is mounted on the SkyPilot machines
+
+
 def skypilot_task(item: Planned, args: argparse.Namespace) -> dict[str, Any]:
-    """A SkyPilot task (its YAML as a dict) that trains ``item`` from a copy of this repository."""
+    """A SkyPilot task (its YAML as a dict) that trains ``item`` from a copy of this repository.
+
+    A bucket ``--workdir_root`` (``gs://``, ``s3://``) is mounted on every node at ``/t5x_lite_sweep``
+    (SkyPilot's ``file_mounts``, mode MOUNT), and the point trains into its folder there, so checkpoints,
+    metrics and logs land in the bucket.
+    """
     accelerator = args.accelerators or ""
     extra = "tpu" if accelerator.lower().startswith("tpu") else ("gpu" if accelerator else "")
-    command = [shlex.quote(part) for part in item.command[1:]]  # 'python' on the remote side
+    command = list(item.command[1:])  # 'python' on the remote side
     task: dict[str, Any] = {
         "name": re.sub(r"[^a-z0-9-]", "-", f"{args.job_name or 't5x-lite'}-{item.point.name}".lower())[:60].strip("-"),
         "num_nodes": args.nodes_per_point,
         "resources": {"accelerators": accelerator} if accelerator else {},
         "workdir": ".",
-        "envs": {"T5X_LITE_DATA": args.data_dir} if args.data_dir else {},
-        "setup": f"pip install -e '.{f'[{extra}]' if extra else ''}'",
-        # every node runs the same command; t5x_lite.train joins them (jax.distributed from SKYPILOT_NODE_*)
-        "run": "python " + " ".join(command),
     }
+    root = item.workdir[: -len(item.point.name)].rstrip("/")
+    if "://" in root:
+        task["file_mounts"] = {SKYPILOT_MOUNT: {"source": root, "mode": "MOUNT"}}
+        command[command.index("--workdir") + 1] = f"{SKYPILOT_MOUNT}/{item.point.name}"
+    if args.data_dir:
+        task["envs"] = {"T5X_LITE_DATA": args.data_dir}
     if args.cloud:
         task["resources"]["infra"] = args.cloud
-    if not task["envs"]:
-        del task["envs"]
+    task["setup"] = f"pip install -e '.{f'[{extra}]' if extra else ''}'"
+    # every node runs the same command; t5x_lite.train joins them (jax.distributed from SKYPILOT_NODE_*)
+    task["run"] = "python " + shlex.join(command)
     return task
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
@@ -238,7 +237,8 @@ def test_skypilot_dry_run_writes_task_yamls(sweep_config, tmp_path):
     assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "tpu-v5p-8"}
     assert task["setup"] == "pip install -e '.[tpu]'"
     assert task["run"].startswith("python -m t5x_lite.train --config ")
-    assert "--workdir gs://bucket/sweep/learning_rate=0.01,steps=15 --config.learning_rate=0.01" in task["run"]
+    assert task["file_mounts"] == {"/t5x_lite_sweep": {"source": "gs://bucket/sweep", "mode": "MOUNT"}}
+    assert "--workdir /t5x_lite_sweep/learning_rate=0.01,steps=15 --config.learning_rate=0.01" in task["run"]
 
     sky_schemas = pytest.importorskip(
         "sky.utils.schemas", reason="SkyPilot (the launch extra) is not installed: pip install -e '.[launch]'"
@@ -259,11 +259,27 @@ def test_a_bucket_workdir_root_needs_skypilot(sweep_config):
 
 
 def test_skypilot_run_command_is_one_line_per_node():
-    item = sweep.Planned(
-        sweep.Point("p", {}, {"task": "a b"}), "gs://b/p", ["python", "-m", "t5x_lite.train", "--x", "a b"]
-    )
-    args = sweep.parse_args(["--config", "c.py", "--workdir_root", "gs://b", "--backend", "skypilot"])
+    command = ["python", "-m", "t5x_lite.train", "--workdir", "runs/p", "--x", "a b"]
+    item = sweep.Planned(sweep.Point("p", {}, {"task": "a b"}), "runs/p", command)
+    args = sweep.parse_args(["--config", "c.py", "--workdir_root", "runs", "--backend", "skypilot"])
     task = sweep.skypilot_task(item, args)
-    assert task["run"] == "python -m t5x_lite.train --x 'a b'"
+    assert task["run"] == "python -m t5x_lite.train --workdir runs/p --x 'a b'"
+    assert "file_mounts" not in task  # a relative root is a path on the remote machine
     assert "accelerators" not in task["resources"]
-    assert textwrap.dedent(task["setup"]) == "pip install -e '.'"
+    assert task["setup"] == "pip install -e '.'"
+
+
+def test_launch_recipes_are_valid():
+    launch = os.path.join(REPO_ROOT, "experiments", "launch")
+    for script in ("slurm_gpu.sbatch", "tpu_vm_gcloud.sh"):
+        assert subprocess.run(["bash", "-n", os.path.join(launch, script)]).returncode == 0, script
+    tasks = {name: yaml.safe_load(_text(launch, name)) for name in ("tpu_vm.yaml", "gpu_nodes.yaml")}
+    assert "python -m t5x_lite.train" in tasks["tpu_vm.yaml"]["run"] and tasks["gpu_nodes.yaml"]["num_nodes"] == 2
+    sky_schemas = pytest.importorskip(
+        "sky.utils.schemas", reason="SkyPilot (the launch extra) is not installed: pip install -e '.[launch]'"
+    )
+    from sky.utils import common_utils
+
+    for name, task in tasks.items():
+        common_utils.validate_schema(task, sky_schemas.get_task_schema(), f"{name}: ")
+        common_utils.validate_schema(task["resources"], sky_schemas.get_resources_schema(), f"{name}: ")
