@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 from collections.abc import Callable, Mapping
@@ -51,6 +52,17 @@ VOCAB_DIR = "vocab"
 STATE, DATA, CONFIG = "state", "data", "config"
 CONVERTED_PARAMS_DIR = "params"  # convert.save_converted layout: WORKDIR/params + WORKDIR/model_config.json
 CONVERTED_CONFIG_FILE = "model_config.json"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Orbax warns "Given directory is read only" whenever a manager opens read-only, which is every evaluation
+    and inference load here: by design, so the warning says nothing. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 def _first_line(error: BaseException) -> str:

@@ -102,6 +102,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.eval_beam_size = 1
     config.eval_alpha = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha for beam search
     config.eval_max_decode_length = 0  # 0: the task's target length
+    config.show_examples = 3  # after the final evaluation, print this many (input, prediction, reference)
     return config
 
 

@@ -3,7 +3,7 @@
     python -m t5x_lite.train --config configs/demo.py --workdir /tmp/demo [--config.num_train_steps=500]
 
 Writes WORKDIR/config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/ (state, data-iterator state,
-config) and vocab/. Started again with the same workdir, it resumes from the latest checkpoint on the exact
+config), vocab/ and predictions/ (each evaluation's decoded examples; the final metrics are printed with three). Started again with the same workdir, it resumes from the latest checkpoint on the exact
 next batch. SIGTERM/SIGINT save the current step before exiting.
 """
 
@@ -53,8 +53,14 @@ def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
     return get_model_config(config.model, vocab_size=padded_vocab, **dict(config.model_overrides))
 
 
-def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dict[str, float]:
-    """Loss over the eval split and, for tasks with metrics, decoding of it scored by them (``eval/bleu``, ...)."""
+PREDICTIONS_DIR = "predictions"  # WORKDIR/predictions/<split>_step<N>.jsonl: every decoded eval example
+
+
+def evaluate(
+    config, task, vocab, model_cfg, state, eval_fn, mesh, rules, predictions_path: str | None = None
+) -> dict[str, float]:
+    """Loss over the eval split and, for tasks with metrics, decoding of it scored by them (``eval/bleu``, ...);
+    with ``predictions_path``, process 0 writes every example's input, prediction and references there."""
     settings = models.DecodeSettings(
         beam_size=config.get("eval_beam_size", 1),
         alpha=config.get("eval_alpha", 0.6),
@@ -75,7 +81,33 @@ def evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules) -> dic
         eval_fn=eval_fn,
         decode=bool(task.metrics),
     )
+    if predictions_path and result.predictions and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(predictions_path), exist_ok=True)
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            for prediction, record in zip(result.predictions, result.records, strict=True):
+                row = {"inputs": record["inputs"], "prediction": prediction, "references": record["references"]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return {f"eval/{name}": value for name, value in result.metrics.items()}
+
+
+def _predictions_path(workdir: str, config, step: int) -> str:
+    return os.path.join(workdir, PREDICTIONS_DIR, f"{config.eval_split}_step{step}.jsonl")
+
+
+def show_examples(workdir: str, count: int) -> str:
+    """The first ``count`` examples of the latest evaluation's predictions file, for the console."""
+    folder = os.path.join(workdir, PREDICTIONS_DIR)
+    files = [name for name in os.listdir(folder) if name.endswith(".jsonl")] if os.path.isdir(folder) else []
+    if not files or count <= 0:
+        return ""
+    latest = max(files, key=lambda name: int(name.rsplit("_step", 1)[-1].split(".")[0]))
+    with open(os.path.join(folder, latest), encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(count), f, strict=False)]
+    lines = [f"{len(rows)} examples of {latest}:"]
+    for row in rows:
+        lines += [f"  input:      {row['inputs']}", f"  prediction: {row['prediction']}"]
+        lines += [f"  reference:  {' | '.join(row['references'])}", ""]
+    return "\n".join(lines).rstrip()
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -223,7 +255,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     jax.profiler.stop_trace()
                 evaluated = done % config.eval_every_steps == 0 or done == config.num_train_steps
                 if evaluated:
-                    last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
+                    path = _predictions_path(workdir, config, done)
+                    last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules, path)
                     stopper.update(last_eval)
                     writer.write(done, {**last_eval, **stopper.values(), "perf/wall_time": time.time()})
                     logging.info("step %d: %s", done, last_eval)
@@ -372,6 +405,8 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if final:
         print("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+        if jax.process_index() == 0 and config.get("show_examples", 3):
+            print(show_examples(workdir, config.get("show_examples", 3)))
 
 
 def _cli() -> None:

@@ -255,3 +255,14 @@ def test_restore_onto_a_different_mesh(tmp_path):
         "step": 7,
         "data": {"i": 7},
     }
+
+
+def test_orbax_read_only_notice_is_silenced_other_warnings_pass(tmp_path, caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING):
+        absl_logging.warning("Given directory is read only=%s", tmp_path)
+        absl_logging.warning("a warning that matters")
+    assert "read only" not in caplog.text and "a warning that matters" in caplog.text

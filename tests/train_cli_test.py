@@ -51,6 +51,13 @@ def test_kill_9_then_resume_equals_straight_run(tmp_path):
     )
     straight = _run(_command(tmp_path / "straight", "steps=40", *common), env)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # Under the final metrics: three test examples (input, prediction, reference) from the predictions file
+    # that every evaluation writes; and none of orbax's "read only" notices from loading checkpoints.
+    tail = straight.stdout[straight.stdout.index("final evaluation:") :]
+    assert "3 examples of test_step40.jsonl:" in tail
+    assert tail.count("  input:") == 3 and tail.count("  prediction:") == 3 and tail.count("  reference:") == 3
+    with open(tmp_path / "straight" / "predictions" / "test_step40.jsonl") as f:
+        assert len(f.readlines()) == 16  # tiny_config: eval_examples 16
     crashed = _run(_command(tmp_path / "killed", "steps=40", *common, "--config.debug_crash_after_step=20"), env)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     resumed = _run(_command(tmp_path / "killed", "steps=40", *common), env)
