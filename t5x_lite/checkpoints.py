@@ -55,11 +55,14 @@ CONVERTED_CONFIG_FILE = "model_config.json"
 
 
 class _DropReadOnlyNotice(logging.Filter):
-    """Orbax warns "Given directory is read only" whenever a manager opens read-only, which is every evaluation
-    and inference load here: by design, so the warning says nothing. Other warnings pass."""
+    """Orbax warns "Given directory is read only" and "CheckpointManagerOptions.read_only=True, setting
+    save_interval_steps=0" whenever a manager opens read-only, which is every evaluation and inference load here:
+    by design, so these say nothing. Other warnings pass."""
+
+    NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
+        return not str(record.msg).startswith(self.NOTICES)
 
 
 logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
