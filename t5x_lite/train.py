@@ -3,8 +3,8 @@
     python -m t5x_lite.train --config configs/demo.py --workdir /tmp/demo [--config.num_train_steps=500]
 
 Writes WORKDIR/config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/ (state, data-iterator state,
-config), vocab/ and predictions/ (each evaluation's decoded examples; the final metrics are printed with three). Started again with the same workdir, it resumes from the latest checkpoint on the exact
-next batch. SIGTERM/SIGINT save the current step before exiting.
+config), vocab/ and predictions/ (each evaluation's decoded examples; the final metrics are printed with three).
+Started again with the same workdir, it resumes from the latest checkpoint on the exact next batch. SIGTERM/SIGINT save the current step before exiting.
 """
 
 from __future__ import annotations
