@@ -4,7 +4,8 @@
 
 Writes WORKDIR/config.json, metrics.jsonl, tensorboard/, checkpoints/<step>/ (state, data-iterator state,
 config), vocab/ and predictions/ (each evaluation's decoded examples; the final metrics are printed with three).
-Started again with the same workdir, it resumes from the latest checkpoint on the exact next batch. SIGTERM/SIGINT save the current step before exiting.
+Started again with the same workdir, it resumes from the latest checkpoint on the exact next batch. SIGTERM/SIGINT
+save the current step before exiting.
 """
 
 from __future__ import annotations
