@@ -29,15 +29,8 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 
 def _mask_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
-    """Logits (float32) with the padded ids, at or above ``vocab_limit``, set to NEG_INF: only those columns are
-    written (a ``where`` over all of them rewrote the whole [rows, vocab] array every step: 1.2 ms of a 30 ms
-    greedy step at 64 rows of t5_small)."""
-    logits = logits.astype(jnp.float32)
-    padded = logits.shape[-1] - vocab_limit
-    if padded <= 0:
-        return logits
-    tail = jnp.full(logits.shape[:-1] + (padded,), NEG_INF, jnp.float32)
-    return jax.lax.dynamic_update_slice_in_dim(logits, tail, vocab_limit, axis=logits.ndim - 1)
+    """Logits (float32) with the padded ids, at or above ``vocab_limit``, set to NEG_INF."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
 
 
 def _masked_log_probs(logits: jax.Array, vocab_limit: int) -> jax.Array:
