@@ -26,6 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default_train_config()  # the demo's settings are the defaults
     config.num_train_steps = options["steps"]
     config.decay_steps = options["steps"]
+    config.warmup_steps = min(200, options["steps"] // 3)  # short runs (steps=30) keep a warm-up inside the schedule
+    config.eval_every_steps = max(1, options["steps"] // 3)  # three points on the learning curve (and a sweep's)
     config.batch_size = options["batch_size"]
     return config
 

@@ -441,7 +441,8 @@ def summarize(root: str) -> str:
     if not records:
         raise SystemExit(f"{root} holds no sweep point (no */{POINT_FILE}); run a sweep into it first")
     metric, best = records[0]["best_metric"], _best(records)
-    columns = sorted({k for r in records for k in r["final"] if not k.endswith("_best")})
+    bookkeeping = ("_best", "evals_without_improvement")  # early-stopping state, not results
+    columns = sorted({k for r in records for k in r["final"] if not k.endswith(bookkeeping)})
     if metric in columns:
         columns.remove(metric)
         columns.insert(0, metric)
