@@ -2,8 +2,9 @@
 
 Command:   python -m t5x_lite.train --config configs/demo.py --workdir /tmp/t5x_lite_demo   (what `make demo` runs)
 Hardware:  one CPU (2 cores are enough); any GPU or TPU works unchanged.
-Time:      `make demo` on a fresh clone, 2 CPU cores: 3m14s in all (venv install, vocabulary, compile, 600 steps).
-Result:    exact match 98.3% on the 1,000 held-out test numbers (eval loss 0.019), printed at the end with three
+Time:      `make demo` on a fresh clone, 2 CPU cores: 1m48s in all (venv install, vocabulary, compile, 600 steps,
+           3 evaluations; 2026-12-02).
+Result:    exact match 97.5% on the 1,000 held-out test numbers (eval loss 0.018), printed at the end with three
            test examples (input, prediction, reference).
 
 Options: ``--config configs/demo.py:steps=500`` (any of steps, batch_size) and ``--config.key=value`` overrides.
