@@ -410,8 +410,8 @@ def collect(root: str) -> list[dict[str, Any]]:
                 name=name,
                 workdir=workdir,
                 keys=point.get("keys", {}),
-                best_metric=point.get("best_metric", "eval/loss"),
-                best_mode=point.get("best_mode", "min"),
+                best_metric=point.get("best_metric"),  # None: the point's config could not be built
+                best_mode=point.get("best_mode"),
                 status=status,
                 steps=max((r.get("step", 0) for r in rows), default=0),
                 final=final,
@@ -421,8 +421,16 @@ def collect(root: str) -> list[dict[str, Any]]:
     return records
 
 
+def _ranking(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The config's ``best_metric`` and ``best_mode``, from the first point whose config could be built."""
+    for r in records:
+        if r["best_metric"]:
+            return r["best_metric"], r["best_mode"] or "min"
+    return "eval/loss", "min"
+
+
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    metric, mode = records[0]["best_metric"], records[0]["best_mode"]
+    metric, mode = _ranking(records)
     scored = [
         r for r in records if isinstance(r["final"].get(metric), (int, float)) and math.isfinite(r["final"][metric])
     ]
@@ -440,7 +448,7 @@ def summarize(root: str) -> str:
     records = collect(root)
     if not records:
         raise SystemExit(f"{root} holds no sweep point (no */{POINT_FILE}); run a sweep into it first")
-    metric, best = records[0]["best_metric"], _best(records)
+    (metric, mode), best = _ranking(records), _best(records)
     bookkeeping = ("_best", "evals_without_improvement")  # early-stopping state, not results
     columns = sorted({k for r in records for k in r["final"] if not k.endswith(bookkeeping)})
     if metric in columns:
@@ -450,7 +458,7 @@ def summarize(root: str) -> str:
     lines = [
         f"# Sweep summary: {os.path.abspath(root)}",
         "",
-        f"{len(records)} points; best by `{metric}` ({records[0]['best_mode']}): "
+        f"{len(records)} points; best by `{metric}` ({mode}): "
         + (f"**{best['name']}**" if best else "none has it yet"),
         "",
         "| " + " | ".join(head) + " |",

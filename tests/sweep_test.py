@@ -283,3 +283,22 @@ def test_launch_recipes_are_valid():
     for name, task in tasks.items():
         common_utils.validate_schema(task, sky_schemas.get_task_schema(), f"{name}: ")
         common_utils.validate_schema(task["resources"], sky_schemas.get_resources_schema(), f"{name}: ")
+
+
+def test_summary_ranks_by_the_configs_metric_even_after_a_config_error(tmp_path):
+    def point(name, record, status, rows=()):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / sweep.POINT_FILE).write_text(json.dumps({"keys": {}, **record}))
+        (tmp_path / name / sweep.STATUS_FILE).write_text(json.dumps(status))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    point("a=bad", {"error": "KeyError: unknown config key"}, {"status": "failed", "returncode": None, "error": "x"})
+    ranked = {"best_metric": "eval/tok_bleu", "best_mode": "max"}
+    done = {"status": "finished", "returncode": 0, "wall_seconds": 5.0}
+    point("b=1", ranked, done, [{"step": 10, "eval/tok_bleu": 30.0, "eval/loss": 1.0}])
+    point("c=2", ranked, {"status": "running"})  # interrupted before its first evaluation: not ranked
+    point("d=3", ranked, done, [{"step": 10, "eval/tok_bleu": 32.0, "eval/loss": 0.5}])
+    text = sweep.summarize(str(tmp_path))
+    assert "best by `eval/tok_bleu` (max): **d=3**" in text
+    assert "| **d=3** (best) | finished | 10 | 5 s | 32 |" in text
+    assert "failed (exit status None): config error" in text
