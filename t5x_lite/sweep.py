@@ -363,10 +363,11 @@ def run_skypilot(items: list[Planned], root: str, args: argparse.Namespace) -> l
     paths = []
     for item in items:
         path = os.path.join(out, f"{item.point.name}.yaml")
+        task = skypilot_task(item, args)
         with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(skypilot_task(item, args), f, sort_keys=False)
+            yaml.safe_dump(task, f, sort_keys=False)
         paths.append(path)
-        launch = ["sky", "jobs", "launch", "--yes", "--name", skypilot_task(item, args)["name"], path]
+        launch = ["sky", "jobs", "launch", "--yes", "--name", task["name"], path]
         print(f"[sweep] {'would run' if args.dry_run else 'launch'}: {shlex.join(launch)}")
         if not args.dry_run:
             if shutil.which("sky") is None:
