@@ -145,7 +145,7 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any, *, what: st
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
             raise KeyError(f"{what}: {'.'.join(parents[: depth + 1])!r} is not a config section (in {key!r})")
         node = node[part]
-    if leaf not in node and parents != ["model_overrides"]:  # model overrides: any TransformerConfig field
+    if leaf not in node:  # as ``--config.a.b=value`` on the train command, which rejects new keys too
         known = ", ".join(sorted(node.keys()))
         raise KeyError(f"{what}: unknown config key {key!r}; known keys here: {known}")
     node[leaf] = value
