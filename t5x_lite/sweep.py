@@ -158,7 +158,7 @@ def run_point(workdir: str, cores: list[int] | None = None, gpus: list[int] | No
     status["earlier_seconds"] = earlier  # a resumed point adds this launch's time to the earlier launches'
     if writer:
         _write_json(os.path.join(workdir, STATUS_FILE), status)
-    env = dict(os.environ, **point.get("env", {}))
+    env = dict(os.environ)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores and hasattr(os, "sched_setaffinity") else None
