@@ -1,9 +1,10 @@
 """Experiment config files: the default train config they override, their ``path:options`` argument, and
 loading one by path (with its optional ``sweep(add)``) so that the library never imports the ``configs`` folder.
 
-A config file defines ``get_config(arg) -> ConfigDict`` and may define ``sweep(add, arg)`` (or ``sweep(add)``),
-which calls ``add(key=value, ...)`` once per point of a sweep; keys are config keys (``learning_rate``,
-``model_overrides.dropout_rate``) or, for the options the file's ``get_config`` parses, ``options.name``.
+A config file defines ``get_config(arg) -> ConfigDict``, its ``OPTIONS`` (what ``path:key=value`` may set) and may
+define ``sweep(add)`` (or ``sweep(add, options)``, given the parsed options), which calls ``add(key=value, ...)``
+once per point of a sweep; a key is one of the file's ``OPTIONS`` or a dotted config key (``learning_rate``,
+``model_overrides.dropout_rate``).
 """
 
 from __future__ import annotations
