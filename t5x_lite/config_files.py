@@ -52,6 +52,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.task = "synthetic_numbers"
     config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
+    config.vocab_task = ""  # use this task's (or mixture's) vocabulary, e.g. "local_pretrain"; empty: the task's own
     config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
     config.pack = True
     config.prefetch_batches = 2  # batches prepared ahead on a background thread
@@ -86,6 +87,7 @@ def default_train_config() -> ml_collections.ConfigDict:
 
     config.log_every_steps = 100
     config.eval_every_steps = 600
+    config.eval_task = ""  # the task evaluated during training; empty: the training task (a mixture must set one)
     config.eval_split = "test"
     config.eval_examples = 1000  # 0 = the whole split
     config.eval_batch_size = 250
@@ -95,7 +97,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.best_metric = "eval/loss"
     config.best_mode = "min"
     config.early_stopping_patience = 0  # stop after this many evals without a better best_metric; 0: never
-    config.init_from = ""  # a converted checkpoint workdir (t5x_lite.convert from-hf)
+    config.init_from = ""  # a training workdir (its latest params and vocab/) or a converted one (convert from-hf)
     config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step
     config.profile_steps = ()  # e.g. (100, 110): a jax.profiler trace of those steps in WORKDIR/profile
@@ -104,6 +106,42 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.eval_alpha = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha for beam search
     config.eval_max_decode_length = 0  # 0: the task's target length
     config.show_examples = 3  # after the final evaluation, print this many (input, prediction, reference)
+    return config
+
+
+LOCAL_PRETRAIN_WORKDIR = "workdirs/pretrain_local"  # where configs/pretrain_local.py's command trains
+
+
+def local_finetune_config(
+    task: str, *, pretrained: str, scratch: bool, steps: int, batch_tokens: int, seed: int, eval_every: int
+) -> ml_collections.ConfigDict:
+    """T5-style fine-tuning of ``t5_v1_1_mini`` on ``task``: from the ``pretrained`` workdir of
+    configs/pretrain_local.py, or with ``scratch`` the same model from a random start; both with the pre-training
+    vocabulary (``vocab_task``), Adafactor at a constant 1e-3, dropout 0.1, length-bucketed batches, so that the
+    two runs differ in their starting parameters only."""
+    config = default_train_config()
+    config.seed = seed
+    config.task = task
+    config.vocab_task = "local_pretrain"
+    config.init_from = "" if scratch else pretrained
+    config.model = "t5_v1_1_mini"
+    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1})
+    config.pack = False
+    config.batch_tokens = batch_tokens
+    config.num_train_steps = steps
+    config.optimizer = "adafactor"
+    config.learning_rate = 1e-3
+    config.schedule = "constant"
+    config.warmup_steps = 0
+    config.weight_decay = 0.0
+    config.grad_clip_norm = 1.0
+    config.log_every_steps = 50
+    config.eval_every_steps = eval_every
+    config.eval_split = "validation"
+    config.eval_examples = 0
+    config.checkpoint_every_steps = eval_every
+    config.keep_checkpoints = 1
+    config.keep_best_checkpoints = 1
     return config
 
 

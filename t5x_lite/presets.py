@@ -46,6 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5_tiny": dict(
         _T5_V1_1, vocab_size=512, d_model=64, num_heads=4, d_kv=16, d_ff=128, **_layers(2), init_through_scan=False
     ),
+    # A CPU-sized T5 v1.1 (about 16M parameters with a 16k vocabulary): every v1.1 choice at a quarter of small's
+    # width and half its depth, for pre-training and fine-tuning on the local corpora (configs/pretrain_local.py).
+    "t5_v1_1_mini": dict(_T5_V1_1, d_model=256, num_heads=4, d_kv=64, d_ff=768, **_layers(4), init_through_scan=False),
     # T5 v1.0 (Raffel et al. 2020): ReLU MLP, tied and rescaled output.
     "t5_small": dict(_T5_V1_0, d_model=512, num_heads=8, d_kv=64, d_ff=2048, **_layers(6)),
     "t5_base": dict(_T5_V1_0, d_model=768, num_heads=12, d_kv=64, d_ff=3072, **_layers(12)),

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from t5x_lite import checkpoints, compile_cache, flops, metrics, models, network, optimizers, partitioning, trainer
 from t5x_lite.data import pipeline
-from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
+from t5x_lite.data.tasks import Mixture, Task, TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.evaluation import evaluate_split
 from t5x_lite.presets import get_model_config
@@ -42,16 +42,55 @@ class TrainingError(RuntimeError):
 
 
 def _vocabulary(config, task, workdir: str) -> Vocabulary:
-    """The run's vocabulary: the one saved in the workdir when resuming, else the task's (trained and cached)."""
+    """The run's vocabulary: the one saved in the workdir when resuming; else that of ``vocab_task`` (a task or
+    mixture whose vocabulary is trained and cached) or, fine-tuning, the ``init_from`` checkpoint's; else the
+    task's own. Fine-tuning with a vocabulary other than the checkpoint's is refused: its token ids mean nothing
+    to the pre-trained embeddings."""
     saved = os.path.join(workdir, "vocab")
     if os.path.isdir(saved):
         return Vocabulary.load(saved)
-    return task_vocabulary(task, cache_dir=config.vocab_cache_dir or None, data_dir=config.data_dir or None)
+    if config.get("init_from") and not os.path.isdir(config.init_from):
+        raise FileNotFoundError(
+            f"init_from={config.init_from!r} is not a directory: train or convert that checkpoint first (for the "
+            "local fine-tuning configs: python -m t5x_lite.train --config configs/pretrain_local.py --workdir "
+            f"{config.init_from}), or pass the right path"
+        )
+    init_vocab_dir = os.path.join(config.init_from, "vocab") if config.get("init_from") else ""
+    init_vocab = Vocabulary.load(init_vocab_dir) if init_vocab_dir and os.path.isdir(init_vocab_dir) else None
+    vocab_task = config.get("vocab_task", "")
+    if init_vocab is not None and not vocab_task:
+        return init_vocab
+    source = TaskRegistry.get(vocab_task) if vocab_task else task
+    vocab = task_vocabulary(source, cache_dir=config.vocab_cache_dir or None, data_dir=config.data_dir or None)
+    if init_vocab is not None and vocab.fingerprint != init_vocab.fingerprint:
+        raise ValueError(
+            f"vocab_task={vocab_task!r} gives a vocabulary ({vocab.vocab_size} ids, {vocab.fingerprint[:12]}) that "
+            f"differs from the one init_from={config.init_from!r} was trained with ({init_vocab.vocab_size} ids, "
+            f"{init_vocab.fingerprint[:12]}); drop vocab_task to use the checkpoint's vocabulary"
+        )
+    return vocab
 
 
 def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
     padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
     return get_model_config(config.model, vocab_size=padded_vocab, **dict(config.model_overrides))
+
+
+def _eval_task(config, task: Task | Mixture) -> Task:
+    """The task evaluated during training: ``eval_task`` when set (a mixture has to name one), else the task."""
+    name = config.get("eval_task", "")
+    chosen = TaskRegistry.get(name) if name else task
+    if isinstance(chosen, Mixture):
+        raise ValueError(
+            f"{chosen.name!r} is a mixture, which has no single eval split; set --config.eval_task to one task, "
+            f"e.g. one of {', '.join(chosen.rates)}"
+        )
+    if config.eval_split not in chosen.splits:
+        raise ValueError(
+            f"eval_split={config.eval_split!r} is not a split of task {chosen.name!r} "
+            f"(it has {', '.join(chosen.splits)})"
+        )
+    return chosen
 
 
 PREDICTIONS_DIR = "predictions"  # WORKDIR/predictions/<split>_step<N>.jsonl: every decoded eval example
@@ -118,6 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     compile_cache.enable(config.get("compilation_cache_dir", ""))
     os.makedirs(workdir, exist_ok=True)
     task = TaskRegistry.get(config.task)
+    eval_task = _eval_task(config, task)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab)
     if config.pack and model_cfg.attention_kernel != "einsum":
@@ -257,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 evaluated = done % config.eval_every_steps == 0 or done == config.num_train_steps
                 if evaluated:
                     path = _predictions_path(workdir, config, done)
-                    last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules, path)
+                    last_eval = evaluate(config, eval_task, vocab, model_cfg, state, eval_fn, mesh, rules, path)
                     stopper.update(last_eval)
                     writer.write(done, {**last_eval, **stopper.values(), "perf/wall_time": time.time()})
                     logging.info("step %d: %s", done, last_eval)
@@ -285,7 +325,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                         print(stopper.message(done), flush=True)
                     break
         if not last_eval and start_step >= end_step:  # already trained (or stopped early): report the model
-            last_eval = evaluate(config, task, vocab, model_cfg, state, eval_fn, mesh, rules)
+            last_eval = evaluate(config, eval_task, vocab, model_cfg, state, eval_fn, mesh, rules)
     finally:
         progress.close()
         checkpointer.wait()

@@ -160,7 +160,7 @@ def train_dataset(
             _shuffled_tokens(t, vocab, split, seed + i, num_epochs, data_dir, tfds_data_dir, counter, on_overflow)
             for i, t in enumerate(task.tasks())
         ]
-        dataset = grain.MapDataset.mix(parts, weights=list(task.rates.values()))
+        dataset = grain.MapDataset.mix(parts, weights=task.weights(data_dir=data_dir, tfds_data_dir=tfds_data_dir))
         lengths = lengths or task.tasks()[0].lengths
     else:
         dataset = _shuffled_tokens(task, vocab, split, seed, num_epochs, data_dir, tfds_data_dir, counter, on_overflow)

@@ -8,6 +8,7 @@ the TFDS catalog, plain text / JSONL files and a synthetic number-translation ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import operator
@@ -33,11 +34,12 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "synthetic_numbers": ("train", "validation", "test"),
 }
 _FILE_SOURCES = ("text_files", "jsonl")  # any split name: it only labels the source
+_MONOLINGUAL = "monolingual"  # passages of the local corpora for pre-training (monolingual.py): train, validation
 
 
 def list_sources() -> list[str]:
     """Names accepted by `get_source`, besides ``tfds:<catalog name>``."""
-    return sorted([*SPLITS, *_FILE_SOURCES])
+    return sorted([*SPLITS, *_FILE_SOURCES, _MONOLINGUAL])
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -213,6 +215,17 @@ def _text_files_source(split: str, source_path: str, target_path: str) -> ListSo
     pairs = enumerate(zip(inputs, targets, strict=True))
     records = [{"id": i, "inputs": x, "targets": y, "references": [y]} for i, (x, y) in pairs]
     return ListSource("text_files", split, records, f"source_path={source_path!r}, target_path={target_path!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _monolingual_source(split: str, part: str, max_chars: int, data_dir: str | None, tfds_data_dir: str | None):
+    from t5x_lite.data import monolingual
+
+    texts = monolingual.passages(part, split, data_dir=data_dir, tfds_data_dir=tfds_data_dir, max_chars=max_chars)
+    if not texts:
+        raise ValueError(f"monolingual part {part!r} has no {split} passages")
+    records = [{"id": i, "inputs": text, "targets": "", "references": [""]} for i, text in enumerate(texts)]
+    return ListSource(_MONOLINGUAL, split, records, f"part={part!r}, max_chars={max_chars}")
 
 
 # ---------------------------------------------------------------------------------------------------- TFDS builders
@@ -649,6 +662,15 @@ def get_source(
     """
     if name.startswith("tfds:"):
         return _catalog_source(name[len("tfds:") :], split, tfds_data_dir, options)
+    if name == _MONOLINGUAL:
+        _check_options(name, options, ("part", "max_chars"))
+        from t5x_lite.data import monolingual
+
+        if split not in monolingual.SPLITS:
+            raise ValueError(f"{name} has no split {split!r}; known splits: {', '.join(monolingual.SPLITS)}")
+        max_chars = int(options.get("max_chars", monolingual.DEFAULT_MAX_CHARS))
+        data_dir = str(data_root(data_dir))  # resolved here so that the cache key names the real folder
+        return _monolingual_source(split, options.get("part", "all"), max_chars, data_dir, tfds_data_dir)
     if name not in SPLITS and name not in _FILE_SOURCES:
         raise ValueError(f"unknown source {name!r}; known sources: {', '.join(list_sources())}, tfds:<catalog name>")
     if name in SPLITS and split not in SPLITS[name]:

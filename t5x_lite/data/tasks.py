@@ -140,15 +140,39 @@ class Task:
         return out
 
 
+Rate = float | Callable[..., float]  # a number, or a function of (task, data_dir=, tfds_data_dir=) such as rate_by_size
+
+
+def rate_by_size(task: Task, *, data_dir: str | None = None, tfds_data_dir: str | None = None) -> float:
+    """A mixing rate proportional to the characters of the task's train split (its inputs and targets)."""
+    source = task.get_source("train", data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+    return float(sum(len(record["inputs"]) + len(record.get("targets", "")) for record in source))
+
+
 @dataclasses.dataclass(frozen=True)
 class Mixture:
-    """Several tasks sampled by rate (they must share a vocabulary): ``{'task_a': 1.0, 'task_b': 0.5}``."""
+    """Several tasks sampled by rate (they must share a vocabulary): ``{'task_a': 1.0, 'task_b': rate_by_size}``."""
 
     name: str
-    rates: Mapping[str, float]
+    rates: Mapping[str, Rate]
 
     def tasks(self) -> list[Task]:
         return [TaskRegistry.get(name) for name in self.rates]
+
+    def weights(self, *, data_dir: str | None = None, tfds_data_dir: str | None = None) -> list[float]:
+        """Each task's rate as a number, normalized to sum to 1 (functions such as rate_by_size evaluated here)."""
+        values = []
+        for name, rate in self.rates.items():
+            value = (
+                float(rate(TaskRegistry.get(name), data_dir=data_dir, tfds_data_dir=tfds_data_dir))
+                if callable(rate)
+                else float(rate)
+            )
+            if not value > 0:
+                raise ValueError(f"mixture {self.name!r}: the rate of {name!r} is {value}; it must be positive")
+            values.append(value)
+        total = sum(values)
+        return [value / total for value in values]
 
 
 class TaskRegistry:
@@ -165,10 +189,10 @@ class TaskRegistry:
         return task
 
     @classmethod
-    def add_mixture(cls, name: str, rates: Mapping[str, float]) -> Mixture:
+    def add_mixture(cls, name: str, rates: Mapping[str, Rate]) -> Mixture:
         for task_name, rate in rates.items():
             cls.get(task_name)
-            if rate <= 0:
+            if not callable(rate) and rate <= 0:
                 raise ValueError(f"mixture {name!r}: rate of {task_name!r} must be positive, got {rate}")
         mixture = Mixture(name=name, rates=dict(rates))
         cls._tasks[name] = mixture
@@ -376,6 +400,39 @@ def _register_builtin_tasks() -> None:
         vocab_size=8000,
         description="T5 span corruption over local monolingual text (Multi30k English captions), offline pre-training",
     )
+    _register_local_pretraining()
+
+
+LOCAL_PRETRAIN_LENGTH = 128  # inputs tokens of the local pre-training tasks (141 raw tokens -> 29 targets)
+
+
+def _register_local_pretraining() -> None:
+    """``local_pretrain``: T5 span corruption over every local monolingual text (monolingual.PARTS), one task
+    per part mixed by size, sharing one vocabulary trained on all of them; ``local_pretrain_all`` is the same
+    text as one task (its validation split is what the pre-training run evaluates)."""
+    from t5x_lite.data import monolingual
+
+    common = dict(
+        splits={"train": ("monolingual", "train"), "validation": ("monolingual", "validation")},
+        objective="span_corruption",
+        metrics=(),
+        lengths={"inputs": LOCAL_PRETRAIN_LENGTH},
+        vocab_size=16000,
+    )
+    for name, part in monolingual.PARTS.items():
+        TaskRegistry.add(
+            f"local_pretrain_{name}",
+            source_options={"part": name},
+            description=f"span corruption over {part.description}",
+            **common,
+        )
+    TaskRegistry.add(
+        "local_pretrain_all",
+        source_options={"part": "all"},
+        description="span corruption over every local monolingual text as one task",
+        **common,
+    )
+    TaskRegistry.add_mixture("local_pretrain", {f"local_pretrain_{name}": rate_by_size for name in monolingual.PARTS})
 
 
 _register_builtin_tasks()

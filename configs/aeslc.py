@@ -1,0 +1,58 @@
+"""AESLC (email body -> subject line): ``t5_v1_1_mini`` fine-tuned from configs/pretrain_local.py, or from scratch.
+
+Command:   python -m t5x_lite.train --config configs/aeslc.py --workdir workdirs/aeslc              (fine-tune)
+           python -m t5x_lite.train --config configs/aeslc.py:scratch=true --workdir workdirs/aeslc_scratch
+           python -m t5x_lite.evaluate --workdir workdirs/aeslc --split test --beam_size 4 --alpha 0.6
+           (the pre-trained workdir comes first: python -m t5x_lite.train --config configs/pretrain_local.py
+           --workdir workdirs/pretrain_local; ``:pretrained=DIR`` points elsewhere)
+Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
+Time:      not yet measured (docs/pretraining.md).
+Result:    not yet measured: test ROUGE-1/2/L (F, best of the 3 references), beam search, the beam and length penalty
+           chosen on the validation split. Published (PEGASUS-large, 568M parameters, pre-trained on C4 / HugeNews):
+           37.69 / 21.85 / 36.84 (google-research/pegasus README); this model has about 16M parameters and was
+           pre-trained on 21M characters.
+
+Both runs use the pre-training vocabulary and the same settings (``config_files.local_finetune_config``): they
+differ only in their starting parameters. Greedy validation ROUGE every ``eval_every`` steps; the best checkpoint
+by ROUGE-L is kept besides the last.
+
+Options: ``--config configs/aeslc.py:scratch=false,pretrained=workdirs/pretrain_local,steps=1200,batch_tokens=4096,
+seed=0,eval_every=300``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from t5x_lite.config_files import LOCAL_PRETRAIN_WORKDIR, local_finetune_config, parse_options
+
+OPTIONS = {
+    "scratch": False,
+    "pretrained": LOCAL_PRETRAIN_WORKDIR,
+    "steps": 1200,
+    "batch_tokens": 4096,
+    "seed": 0,
+    "eval_every": 300,
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    options = parse_options(arg, OPTIONS, "configs/aeslc.py")
+    config = local_finetune_config(
+        "aeslc",
+        pretrained=options["pretrained"],
+        scratch=options["scratch"],
+        steps=options["steps"],
+        batch_tokens=options["batch_tokens"],
+        seed=options["seed"],
+        eval_every=options["eval_every"],
+    )
+    config.best_metric = "eval/rougeL"
+    config.best_mode = "max"
+    return config
+
+
+def sweep(add) -> None:
+    """The comparison of issue 14: fine-tuned from the pre-trained checkpoint, and from scratch."""
+    for scratch in (False, True):
+        add(scratch=scratch)
