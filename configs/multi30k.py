@@ -8,7 +8,8 @@ Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
 Time:      88.5 minutes on the 2-core development machine (9,500 steps, about 0.55 s each, 10 greedy validations).
 Result:    seed 1: test_2016_flickr 40.27 tokenized lowercased BLEU (beam 5, alpha 1.0, average of the last 3
            checkpoints, chosen on validation: 41.89), test_2017_flickr 32.85; seed 2 (``:seed=2``, 81.2 minutes): 40.33
-           and 33.21; mean of seeds 1-2 40.30 +- 0.05; ``:steps=10200,cooldown=4100`` (84.2 minutes): 40.36, not
+           and 33.21; seed 3: 40.53 and 33.10; mean of seeds 1-3 40.37 +- 0.14 (33.05 +- 0.19);
+           ``:steps=10200,cooldown=4100`` (84.2 minutes): 40.36, not
            the default (validation 41.44 < 41.89) (experiments/results/multi30k.md; the
            earlier default of 9,000 steps / cooldown 2,700 gave 40.92 and 32.28, validation 41.68). Published:
            41.02 on test_2016_flickr (Revisit-MMT README-baseline.md, Wu et al. ACL 2021: 2 GPUs, beam 5, average
