@@ -1,13 +1,14 @@
-"""Score a finished translation run the way papers do, choosing everything on the validation split, and write it up.
+"""Score a finished run the way papers do, choosing everything on the validation split, and write it up.
 
     python experiments/translation_report.py --workdir workdirs/multi30k --out experiments/results/multi30k \\
         --train_command "python -m t5x_lite.train --config configs/multi30k.py --workdir workdirs/multi30k"
 
 1. Decoding choices, on the validation split only: beam search with ``--beam_size`` (5, the paper's) over every
    combination of ``--average_last`` (checkpoints averaged, 1 = the last alone) and ``--alphas`` (GNMT length
-   penalty); the combination with the best validation ``tok_bleu`` wins.
-2. The winner decodes each test split once: tokenized lowercased BLEU (``tok_bleu``, multi-bleu.perl's setting)
-   and sacreBLEU with its signature.
+   penalty); the combination with the best validation ``--metric`` wins (``tok_bleu`` by default; ``rougeL`` for
+   summarization: ``--metric rougeL --test_splits test``).
+2. The winner decodes each test split once: every metric of the task (for translation tokenized lowercased BLEU,
+   ``tok_bleu``, multi-bleu.perl's setting, and sacreBLEU with its signature; for summarization ROUGE-1/2/L/Lsum).
 3. Writes ``OUT.json`` (every figure, the commands, commit, machine, wall time) and ``OUT.png`` (validation BLEU and
    loss against wall-clock minutes; matplotlib: ``pip install -e '.[plot]'``). ``OUT.md`` puts them next to the
    published figures and the peers' (written from the JSON).
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--average_last", default="1,3,5,10", help="checkpoint counts to try on validation")
     parser.add_argument("--alphas", default="0.6,1.0,1.4", help="length penalties to try on validation")
     parser.add_argument("--select_split", default="validation")
+    parser.add_argument("--metric", default="tok_bleu", help="the validation metric that chooses (higher is better)")
     parser.add_argument("--test_splits", default="test_2016_flickr,test_2017_flickr")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--wall_minutes", type=float, default=0.0, help="the train command's wall time, if not logged")
@@ -120,7 +122,7 @@ def progress_minutes(log: str) -> dict[int, float]:
     return minutes
 
 
-def plot(evals: list[dict], path: str, title: str) -> None:
+def plot(evals: list[dict], path: str, title: str, metric: str = "tok_bleu") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,9 +130,10 @@ def plot(evals: list[dict], path: str, title: str) -> None:
 
     minutes = [r["minute"] for r in evals]
     figure, left = plt.subplots(figsize=(7, 4))
-    left.plot(minutes, [r["eval/tok_bleu"] for r in evals], "o-", color="tab:blue")
+    left.plot(minutes, [r[f"eval/{metric}"] for r in evals], "o-", color="tab:blue")
     left.set_xlabel("wall-clock minutes since the train command started")
-    left.set_ylabel("validation BLEU (greedy, tokenized lowercased)", color="tab:blue")
+    label = "BLEU (tokenized lowercased)" if metric == "tok_bleu" else metric
+    left.set_ylabel(f"validation {label} (greedy)", color="tab:blue")
     right = left.twinx()
     right.plot(minutes, [r["eval/loss"] for r in evals], "s--", color="tab:red")
     right.set_ylabel("validation loss", color="tab:red")
@@ -145,6 +148,15 @@ def plot(evals: list[dict], path: str, title: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    record = report(args, argv)
+    with open(f"{args.out}.json", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def report(args: argparse.Namespace, argv=None) -> dict:
+    """Choose on validation, decode the test splits once, plot the curve to ``OUT.png``; the record for OUT.json."""
     counts = [int(n) for n in args.average_last.split(",")]
     alphas = [float(a) for a in args.alphas.split(",")]
     evals, wall = learning_curve(args.workdir, args.log, args.wall_minutes)
@@ -155,16 +167,16 @@ def main(argv=None) -> None:
             settings = models.DecodeSettings(beam_size=args.beam_size, alpha=alpha)
             loaded, result = decode(args.workdir, args.select_split, count, settings, args.batch_size)
             grid.append({"average_last": count, "alpha": alpha, "steps": loaded.steps, **result.metrics})
-            print(
-                f"{args.select_split}: average_last {count}, alpha {alpha}: tok_bleu {result.metrics['tok_bleu']:.2f}"
-            )
-    best = max(grid, key=lambda row: row["tok_bleu"])
+            score = result.metrics[args.metric]
+            print(f"{args.select_split}: average_last {count}, alpha {alpha}: {args.metric} {score:.2f}")
+    best = max(grid, key=lambda row: row[args.metric])
     settings = models.DecodeSettings(beam_size=args.beam_size, alpha=best["alpha"])
     tests = {}
     for split in args.test_splits.split(","):
         loaded, result = decode(args.workdir, split, best["average_last"], settings, args.batch_size)
         tests[split] = {"metrics": result.metrics, "signatures": result.signatures}
-        print(f"{split}: tok_bleu {result.metrics['tok_bleu']:.2f}, sacreBLEU {result.metrics['bleu']:.2f}")
+        shown = {k: v for k, v in result.metrics.items() if k in ("tok_bleu", "bleu", "rouge1", "rouge2", "rougeL")}
+        print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
 
     task = loaded.task.name
     evaluate_command = (
@@ -182,21 +194,25 @@ def main(argv=None) -> None:
         "wall_minutes": wall,
         "launches": sum("perf/launched" in r for r in metrics.read_metrics(args.workdir)),  # > 1: resumed
         "steps": max(r["step"] for r in evals),
-        "selection": {"split": args.select_split, "beam_size": args.beam_size, "grid": grid, "chosen": best},
+        "selection": {
+            "split": args.select_split,
+            "metric": args.metric,
+            "beam_size": args.beam_size,
+            "grid": grid,
+            "chosen": best,
+        },
         "test": tests,
-        "validation_curve": [
-            {"step": r["step"], "minute": r["minute"], "tok_bleu": r["eval/tok_bleu"], "loss": r["eval/loss"]}
-            for r in evals
-        ],
+        "validation_curve": [_curve_row(r, args.metric) for r in evals],
         "published": {split: {"tok_bleu": v, "source": s} for split, (v, s) in PUBLISHED.get(task, {}).items()},
         "note": args.note,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(f"{args.out}.json", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    plot(evals, f"{args.out}.png", f"{task}: validation during training")
-    print(f"wrote {args.out}.json and {args.out}.png")
+    plot(evals, f"{args.out}.png", f"{task}: validation during training", args.metric)
+    return record
+
+
+def _curve_row(row: dict, metric: str) -> dict:
+    return {"step": row["step"], "minute": row["minute"], metric: row.get(f"eval/{metric}"), "loss": row["eval/loss"]}
 
 
 def _git(*command: str) -> str:
