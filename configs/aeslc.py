@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import LOCAL_PRETRAIN_WORKDIR, local_finetune_config, parse_options
+from t5x_lite.config_files import (
+    LOCAL_PRETRAIN_WORKDIR,
+    SUMMARIZATION_BUCKETS,
+    local_finetune_config,
+    parse_options,
+)
 
 OPTIONS = {
     "scratch": False,
@@ -46,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_tokens=options["batch_tokens"],
         seed=options["seed"],
         eval_every=options["eval_every"],
+        bucket_boundaries=SUMMARIZATION_BUCKETS,
     )
     config.best_metric = "eval/rougeL"
     config.best_mode = "max"

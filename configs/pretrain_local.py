@@ -18,7 +18,8 @@ packed 128-token inputs (141 raw tokens -> 29 targets), Adafactor with factored 
 constant learning rate 0.01 after a warm-up (T5's ``1/sqrt(max(step, 10k))`` is 0.01 until step 10,000), then a
 linear cooldown to 0 over the last 20% of the steps so that the short run ends at a low learning rate.
 
-Options: ``--config configs/pretrain_local.py:steps=2400,batch_size=32,seed=0,eval_every=600`` and ``--config.key=value``.
+Options: ``--config configs/pretrain_local.py:steps=2400,batch_size=32,seed=0,eval_every=600`` and
+``--config.key=value``.
 """
 
 from __future__ import annotations
