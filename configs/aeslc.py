@@ -25,40 +25,17 @@ from __future__ import annotations
 import ml_collections
 
 from t5x_lite.config_files import (
-    LOCAL_PRETRAIN_WORKDIR,
     SUMMARIZATION_BUCKETS,
     local_finetune_config,
+    local_finetune_options,
+    local_finetune_sweep,
     parse_options,
 )
 
-OPTIONS = {
-    "scratch": False,
-    "pretrained": LOCAL_PRETRAIN_WORKDIR,
-    "steps": 1200,
-    "batch_tokens": 4096,
-    "seed": 0,
-    "eval_every": 300,
-}
+OPTIONS = local_finetune_options(steps=1200, eval_every=300)
+sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "configs/aeslc.py")
-    config = local_finetune_config(
-        "aeslc",
-        pretrained=options["pretrained"],
-        scratch=options["scratch"],
-        steps=options["steps"],
-        batch_tokens=options["batch_tokens"],
-        seed=options["seed"],
-        eval_every=options["eval_every"],
-        bucket_boundaries=SUMMARIZATION_BUCKETS,
-    )
-    config.best_metric = "eval/rougeL"
-    config.best_mode = "max"
-    return config
-
-
-def sweep(add) -> None:
-    """The comparison of issue 14: fine-tuned from the pre-trained checkpoint, and from scratch."""
-    for scratch in (False, True):
-        add(scratch=scratch)
+    return local_finetune_config("aeslc", options, best_metric="eval/rougeL", bucket_boundaries=SUMMARIZATION_BUCKETS)

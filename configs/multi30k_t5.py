@@ -24,35 +24,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import LOCAL_PRETRAIN_WORKDIR, local_finetune_config, parse_options
+from t5x_lite.config_files import (
+    local_finetune_config,
+    local_finetune_options,
+    local_finetune_sweep,
+    parse_options,
+)
 
-OPTIONS = {
-    "scratch": False,
-    "pretrained": LOCAL_PRETRAIN_WORKDIR,
-    "steps": 1500,
-    "batch_tokens": 4096,
-    "seed": 0,
-    "eval_every": 500,
-}
+OPTIONS = local_finetune_options(steps=1500, eval_every=500)
+sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "configs/multi30k_t5.py")
-    config = local_finetune_config(
-        "multi30k_ende",
-        pretrained=options["pretrained"],
-        scratch=options["scratch"],
-        steps=options["steps"],
-        batch_tokens=options["batch_tokens"],
-        seed=options["seed"],
-        eval_every=options["eval_every"],
-    )
-    config.best_metric = "eval/tok_bleu"
-    config.best_mode = "max"
-    return config
-
-
-def sweep(add) -> None:
-    """The comparison of issue 14: fine-tuned from the pre-trained checkpoint, and from scratch."""
-    for scratch in (False, True):
-        add(scratch=scratch)
+    return local_finetune_config("multi30k_ende", options, best_metric="eval/tok_bleu")

@@ -117,30 +117,46 @@ SUMMARIZATION_BUCKETS = (48, 64, 96, 128, 192, 256, 384, 512)
 compilation of the train step, minutes apiece for t5_v1_1_mini on 2 busy cores; coarser buckets pad a little more."""
 
 
+def local_finetune_options(*, steps: int, eval_every: int) -> dict[str, Any]:
+    """The ``OPTIONS`` of a local fine-tuning config (aeslc.py, scitldr.py, multi30k_t5.py), with its step counts."""
+    return {
+        "scratch": False,
+        "pretrained": LOCAL_PRETRAIN_WORKDIR,
+        "steps": steps,
+        "batch_tokens": 4096,
+        "seed": 0,
+        "eval_every": eval_every,
+    }
+
+
+def local_finetune_sweep(add) -> None:
+    """The comparison of issue 14: fine-tuned from the pre-trained checkpoint, and from scratch."""
+    for scratch in (False, True):
+        add(scratch=scratch)
+
+
 def local_finetune_config(
     task: str,
+    options: dict[str, Any],
     *,
-    pretrained: str,
-    scratch: bool,
-    steps: int,
-    batch_tokens: int,
-    seed: int,
-    eval_every: int,
+    best_metric: str,
     bucket_boundaries: tuple[int, ...] = (),
 ) -> ml_collections.ConfigDict:
-    """T5-style fine-tuning of ``t5_v1_1_mini`` on ``task``: from the ``pretrained`` workdir of
-    configs/pretrain_local.py, or with ``scratch`` the same model from a random start; both with the pre-training
-    vocabulary (``vocab_task``), Adafactor at a constant 1e-3, dropout 0.1, length-bucketed batches, so that the
-    two runs differ in their starting parameters only."""
+    """T5-style fine-tuning of ``t5_v1_1_mini`` on ``task`` with the parsed ``local_finetune_options``: from the
+    ``pretrained`` workdir of configs/pretrain_local.py, or with ``scratch`` the same model from a random start; both
+    with the pre-training vocabulary (``vocab_task``), Adafactor at a constant 1e-3, dropout 0.1, length-bucketed
+    batches, so that the two runs differ in their starting parameters only; the best checkpoint by ``best_metric``
+    (higher is better) is kept."""
+    steps, eval_every = options["steps"], options["eval_every"]
     config = default_train_config()
-    config.seed = seed
+    config.seed = options["seed"]
     config.task = task
     config.vocab_task = "local_pretrain"
-    config.init_from = "" if scratch else pretrained
+    config.init_from = "" if options["scratch"] else options["pretrained"]
     config.model = "t5_v1_1_mini"
     config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1})
     config.pack = False
-    config.batch_tokens = batch_tokens
+    config.batch_tokens = options["batch_tokens"]
     config.bucket_boundaries = tuple(bucket_boundaries)
     config.num_train_steps = steps
     config.optimizer = "adafactor"
@@ -156,6 +172,8 @@ def local_finetune_config(
     config.checkpoint_every_steps = eval_every
     config.keep_checkpoints = 1
     config.keep_best_checkpoints = 1
+    config.best_metric = best_metric
+    config.best_mode = "max"
     return config
 
 
