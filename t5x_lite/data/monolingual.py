@@ -15,7 +15,6 @@ import functools
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 from t5x_lite.data.paths import data_root
 
@@ -115,14 +114,6 @@ PARTS: dict[str, Part] = {
         for lang in ("de", "en")
     },
 }
-# What stays out and why (docs/pretraining.md): every split a registered task decodes or scores.
-EXCLUDED = {
-    "multi30k val, test_2016_flickr, test_2017_flickr": "Multi30k validation and test",
-    "aeslc dev/test, scitldr dev/test": "summarization validation and test",
-    "iwslt14 valid/test (= IWSLT16 TED dev2010, tst2010-2012, TEDx dev2012)": "IWSLT14 validation and test",
-    "wmt14 newstest2013/2014, wmt16 newstest2016": "WMT validation and test",
-    "AESLC subject lines, SciTLDR TLDRs": "summarization targets",
-}
 
 
 def split_passages(units: Sequence[str], max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
@@ -193,14 +184,3 @@ def _part_passages(name: str, split: str, data_dir: str, tfds_data_dir: str | No
     for document in PARTS[name].documents(data_dir, tfds_data_dir):
         out += [p for p in split_passages(document, max_chars) if held_out(p) == (split == "validation")]
     return tuple(out)
-
-
-def describe(data_dir: str | Path | None = None) -> list[dict[str, object]]:
-    """Passages and characters of every part's train split (what ``docs/pretraining.md`` tabulates)."""
-    rows = []
-    for name, part in PARTS.items():
-        texts = passages(name, "train", data_dir=None if data_dir is None else str(data_dir))
-        rows.append(
-            {"part": name, "description": part.description, "passages": len(texts), "chars": sum(map(len, texts))}
-        )
-    return rows
