@@ -16,8 +16,8 @@ Both runs use the pre-training vocabulary and the same settings (``config_files.
 differ only in their starting parameters. Greedy validation ROUGE every ``eval_every`` steps; the best checkpoint
 by ROUGE-L is kept besides the last.
 
-Options: ``--config configs/aeslc.py:scratch=false,pretrained=workdirs/pretrain_local,steps=1200,batch_tokens=4096,
-seed=0,eval_every=300``.
+Options: ``--config configs/aeslc.py:scratch=false,pretrained=workdirs/pretrain_local,steps=600,batch_tokens=4096,
+seed=0,eval_every=200``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from t5x_lite.config_files import (
     parse_options,
 )
 
-OPTIONS = local_finetune_options(steps=1200, eval_every=300)
+OPTIONS = local_finetune_options(steps=600, eval_every=200)
 sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 

@@ -16,8 +16,8 @@ Both runs use the pre-training vocabulary and the same settings (``config_files.
 differ only in their starting parameters. Greedy validation BLEU every ``eval_every`` steps; the best checkpoint
 by validation BLEU is kept besides the last.
 
-Options: ``--config configs/multi30k_t5.py:scratch=false,pretrained=workdirs/pretrain_local,steps=1500,
-batch_tokens=4096,seed=0,eval_every=500``.
+Options: ``--config configs/multi30k_t5.py:scratch=false,pretrained=workdirs/pretrain_local,steps=750,
+batch_tokens=4096,seed=0,eval_every=250``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from t5x_lite.config_files import (
     parse_options,
 )
 
-OPTIONS = local_finetune_options(steps=1500, eval_every=500)
+OPTIONS = local_finetune_options(steps=750, eval_every=250)
 sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 

@@ -17,7 +17,7 @@ Both runs use the pre-training vocabulary and the same settings (``config_files.
 differ only in their starting parameters. Greedy validation ROUGE every ``eval_every`` steps; the best checkpoint
 by ROUGE-L is kept besides the last.
 
-Options: ``--config configs/scitldr.py:scratch=false,pretrained=workdirs/pretrain_local,steps=800,batch_tokens=4096,
+Options: ``--config configs/scitldr.py:scratch=false,pretrained=workdirs/pretrain_local,steps=400,batch_tokens=4096,
 seed=0,eval_every=200``.
 """
 
@@ -33,7 +33,7 @@ from t5x_lite.config_files import (
     parse_options,
 )
 
-OPTIONS = local_finetune_options(steps=800, eval_every=200)
+OPTIONS = local_finetune_options(steps=400, eval_every=200)
 sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 
