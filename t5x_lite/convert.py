@@ -8,6 +8,7 @@ Library::
 Command line::
 
     python -m t5x_lite.convert from-hf --hf_dir DIR --workdir OUT   # config.json + model.safetensors -> Orbax
+                                                                    # (+ spiece.model -> OUT/vocab, 100 sentinels)
     python -m t5x_lite.convert to-hf --workdir OUT --out DIR        # Orbax -> config.json + model.safetensors
 
 Tying. Hugging Face's ``T5Config`` (transformers 5.x) always ties ``lm_head`` to ``shared`` in memory and
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.network import TransformerConfig, check_params_match, scan_params, unscan_params
 
 _HF_ACTIVATIONS = {
@@ -43,6 +45,7 @@ _OUR_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new", "gelu_exact": "gelu", "s
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+SPIECE_FILE = "spiece.model"  # the SentencePiece model in a Hugging Face T5 directory
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -397,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     from_hf.add_argument("--hf_dir", required=True)
     from_hf.add_argument("--workdir", required=True)
     from_hf.add_argument("--scan_layers", action="store_true", help="write the scanned (stacked layers) layout")
+    from_hf.add_argument(
+        "--extra_ids", type=int, default=100, help=f"sentinels after the pieces of {SPIECE_FILE} (T5: 100)"
+    )
     to_hf = sub.add_parser("to-hf", help="t5x_lite converted checkpoint -> Hugging Face T5 directory")
     to_hf.add_argument("--workdir", required=True)
     to_hf.add_argument("--out", required=True)
@@ -405,8 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "from-hf":
             state_dict, hf_config = load_hf_dir(args.hf_dir)
             cfg, params = params_from_hf(state_dict, hf_config, scan_layers=args.scan_layers)
+            spiece = os.path.join(args.hf_dir, SPIECE_FILE)
+            vocab = Vocabulary(spiece, extra_ids=args.extra_ids) if os.path.isfile(spiece) else None
+            if vocab is not None and vocab.vocab_size > cfg.vocab_size:
+                raise ValueError(
+                    f"{spiece} with {args.extra_ids} extra_ids has {vocab.vocab_size} ids, more than the model's "
+                    f"{cfg.vocab_size} embedding rows: pass the --extra_ids the checkpoint was trained with"
+                )
             path = save_converted(args.workdir, params, cfg)
             print(f"wrote {path} and {os.path.join(os.path.abspath(args.workdir), CONFIG_FILE)}")
+            if vocab is not None:  # fine-tuning from this workdir (init_from) then tokenizes as the checkpoint did
+                print(f"wrote {vocab.save(os.path.join(os.path.abspath(args.workdir), 'vocab'))}")
+            else:
+                print(f"note: {args.hf_dir} has no {SPIECE_FILE}; init_from this workdir uses the task's vocabulary")
         else:
             cfg, params = load_converted(args.workdir)
             save_hf_dir(params, cfg, args.out)

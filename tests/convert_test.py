@@ -124,6 +124,7 @@ def test_cli_from_hf_then_to_hf_loads_in_transformers(tmp_path, record_parity):
     )
     result = run("from-hf", "--hf_dir", str(hf_dir), "--workdir", str(workdir))
     assert result.returncode == 0, result.stderr
+    assert not (workdir / "vocab").exists() and "no spiece.model" in result.stdout
     again = run("from-hf", "--hf_dir", str(hf_dir), "--workdir", str(workdir))
     assert again.returncode == 2 and "already exists" in again.stderr  # nothing written is overwritten
     result = run("to-hf", "--workdir", str(workdir), "--out", str(out))
@@ -219,3 +220,44 @@ def test_converted_params_decode_like_teacher_forcing():
     for position in range(12):
         logits, cache = step(cache, decoder[:, position])
         np.testing.assert_allclose(logits, full[:, position], rtol=1e-4, atol=1e-4)
+
+
+def _spiece(path, pieces: int = 64) -> None:
+    """A small SentencePiece model at ``path`` (the ``spiece.model`` of a Hugging Face T5 directory)."""
+    import sentencepiece as spm
+
+    words = [f"w{i} x{i % 7} y{i % 13}" for i in range(2000)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(words),
+        model_prefix=str(path)[: -len(".model")],
+        vocab_size=pieces,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+
+
+def test_cli_from_hf_writes_the_checkpoints_vocabulary_for_init_from(tmp_path):
+    from t5x_lite.data.vocab import Vocabulary
+
+    model, _ = _hf_model(HF_CONFIGS["v1_1_gated_gelu_untied"], seed=2)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    _spiece(hf_dir / "spiece.model")
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "t5x_lite.convert", "from-hf", "--hf_dir", str(hf_dir), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    rows = model.config.vocab_size
+    too_many = run("--workdir", str(tmp_path / "bad"), "--extra_ids", str(rows))
+    assert too_many.returncode == 2 and "--extra_ids" in too_many.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    result = run("--workdir", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    saved = Vocabulary.load(tmp_path / "w" / "vocab")
+    expected = Vocabulary(str(hf_dir / "spiece.model"), extra_ids=100)
+    assert saved.fingerprint == expected.fingerprint and saved.vocab_size == 164 <= rows
