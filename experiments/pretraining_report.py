@@ -7,8 +7,9 @@
 Each point (``scratch=False``: fine-tuned from configs/pretrain_local.py's workdir; ``scratch=True``: the same model
 and recipe from a random start) goes through ``translation_report.report``: decoding choices on the validation split
 only, each test split decoded once. Writes ``OUT.json`` (both records, the commands, and the test gain of
-pre-training for every metric) and ``OUT_<point>.png`` (each run's validation curve). Hardware: the machine that
-trained; time: two validation grids and two test decodings.
+pre-training for every metric), ``OUT_<point>.json`` (each record) and ``OUT_<point>.png`` (each run's validation
+curve). ``--points scratch`` scores one point now and ``--points pretrained`` later, reading the first back from
+``OUT_scratch.json``. Hardware: the machine that trained; time: two validation grids and two test decodings.
 """
 
 from __future__ import annotations
@@ -30,9 +31,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep_root", required=True, help="the --workdir_root of the config's sweep")
     parser.add_argument("--out", required=True, help="path prefix of OUT.json and OUT_<point>.png")
+    parser.add_argument(
+        "--points",
+        default=",".join(POINTS),
+        help="the points to score now; any other is read back from its OUT_<point>.json of an earlier call (so the "
+        "from-scratch run can be scored while the pre-trained one still trains)",
+    )
     args, passed = parser.parse_known_args(argv)
+    now = args.points.split(",")
+    unknown = sorted(set(now) - set(POINTS))
+    if unknown:
+        raise SystemExit(f"--points: unknown {', '.join(unknown)}; choose from {', '.join(POINTS)}")
     records = {}
     for label, point in POINTS.items():
+        saved = f"{args.out}_{label}.json"
+        if label not in now:
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    records[label] = json.load(f)
+            continue
         workdir = os.path.join(args.sweep_root, point)
         if not os.path.isdir(os.path.join(workdir, "checkpoints")):
             raise SystemExit(f"{workdir} has no checkpoints: run the sweep of the config first (see --help)")
@@ -40,6 +57,16 @@ def main(argv: list[str] | None = None) -> None:
             command = json.load(f)["command"]
         report_argv = ["--workdir", workdir, "--out", f"{args.out}_{label}", "--train_command", command, *passed]
         records[label] = report(report_args(report_argv), report_argv)
+        with open(saved, "w", encoding="utf-8") as f:
+            json.dump(records[label], f, indent=2)
+            f.write("\n")
+    missing = [label for label in POINTS if label not in records]
+    if missing:
+        print(
+            f"wrote {', '.join(f'{args.out}_{label}.json' for label in now)}; {args.out}.json waits for "
+            f"{', '.join(missing)} (--points {','.join(missing)})"
+        )
+        return
     metric = records["pretrained"]["selection"]["metric"]
     gain = {
         split: {
