@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         if not os.path.isdir(os.path.join(workdir, "checkpoints")):
             raise SystemExit(f"{workdir} has no checkpoints: run the sweep of the config first (see --help)")
         with open(os.path.join(workdir, "sweep_point.json"), encoding="utf-8") as f:
-            command = json.load(f)["command"]
+            command = shlex.join(json.load(f)["command"])  # the sweep records the argv list
         report_argv = ["--workdir", workdir, "--out", f"{args.out}_{label}", "--train_command", command, *passed]
         records[label] = report(report_args(report_argv), report_argv)
         with open(saved, "w", encoding="utf-8") as f:

@@ -25,6 +25,7 @@ def test_points_scored_apart_combine_into_one_gain(tmp_path, monkeypatch):
 
     def fake_report(args, argv):
         calls.append(args.workdir)
+        assert args.train_command == f"train {os.path.basename(args.workdir)}"  # the sweep's argv, as one line
         rouge = scores[os.path.basename(args.workdir)]
         return {"task": "aeslc", "selection": {"metric": "rougeL"}, "test": {"test": {"metrics": {"rougeL": rouge}}}}
 
