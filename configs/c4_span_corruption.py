@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, parse_options
 
 SIZES = ("small", "base", "large", "xl", "xxl")
 OPTIONS = {
@@ -48,9 +48,7 @@ OPTIONS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "configs/c4_span_corruption.py")
-    size = options["size"]
-    if size not in SIZES:
-        raise ValueError(f"configs/c4_span_corruption.py: size={size!r} is unknown; choose one of {', '.join(SIZES)}")
+    size = check_choice(options, "size", SIZES, "configs/c4_span_corruption.py")
     config = default_train_config()
     config.task = "c4_span_corruption"  # 512 input tokens (from 568 raw) -> 114 target tokens
     config.pack = True

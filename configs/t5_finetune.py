@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, parse_options
 from t5x_lite.data.tasks import TaskRegistry
 
 SIZES = ("small", "base", "large", "xl", "xxl")
@@ -46,9 +46,7 @@ OPTIONS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "configs/t5_finetune.py")
-    size = options["size"]
-    if size not in SIZES:
-        raise ValueError(f"configs/t5_finetune.py: size={size!r} is unknown; choose one of {', '.join(SIZES)}")
+    size = check_choice(options, "size", SIZES, "configs/t5_finetune.py")
     if not options["init_from"]:
         raise ValueError(
             "configs/t5_finetune.py needs init_from=DIR: a workdir written by `python -m t5x_lite.convert from-hf "

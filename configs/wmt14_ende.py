@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, parse_options
 
 SIZES = {"base": 100_000, "big": 300_000}  # size -> the paper's number of steps
 OPTIONS = {"size": "base", "steps": 0, "batch_tokens": 25_000, "seed": 0, "eval_every": 5000, "checkpoint_every": 1000}
@@ -42,9 +42,7 @@ OPTIONS = {"size": "base", "steps": 0, "batch_tokens": 25_000, "seed": 0, "eval_
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "configs/wmt14_ende.py")
-    size = options["size"]
-    if size not in SIZES:
-        raise ValueError(f"configs/wmt14_ende.py: size={size!r} is unknown; choose one of {', '.join(SIZES)}")
+    size = check_choice(options, "size", SIZES, "configs/wmt14_ende.py")
     config = default_train_config()
     config.seed = options["seed"]
     config.task = "wmt14_ende"

@@ -31,6 +31,14 @@ def parse_options(arg: str | None, defaults: dict[str, Any], config_file: str) -
     return options
 
 
+def check_choice(options: dict[str, Any], key: str, choices, config_file: str) -> Any:
+    """``options[key]`` when it is one of ``choices``; else a ValueError that names the config file and lists them."""
+    value = options[key]
+    if value not in choices:
+        raise ValueError(f"{config_file}: {key}={value!r} is unknown; choose one of {', '.join(choices)}")
+    return value
+
+
 def _typed(value: str, default: Any, what: str) -> Any:
     """``value`` converted to the type of ``default`` (``'False'`` -> False, not ``bool('False')``)."""
     if isinstance(default, bool):
