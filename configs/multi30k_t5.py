@@ -22,11 +22,12 @@ Result:    test_2016_flickr / test_2017_flickr tokenized lowercased BLEU (beam 5
 
 Both runs use the pre-training vocabulary and the same settings (``config_files.local_finetune_config``): they
 differ only in their starting parameters. Greedy validation BLEU every ``eval_every`` steps; the best checkpoint
-by validation BLEU is kept besides the last. ``eval_every`` defaults to ``steps``: greedy decoding of a
-weak model is slow on a CPU, and the beam search of experiments/pretraining_report.py makes the choices anyway.
+by validation BLEU is kept besides the last. ``eval_every=0`` (the default) validates once, at the last step:
+greedy decoding of a weak model is slow on a CPU, and the beam search of experiments/pretraining_report.py
+makes the choices anyway.
 
 Options: ``--config configs/multi30k_t5.py:scratch=false,pretrained=workdirs/pretrain_local,steps=300,
-batch_tokens=4096,seed=0,eval_every=300``.
+batch_tokens=4096,seed=0,eval_every=0``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from t5x_lite.config_files import (
     parse_options,
 )
 
-OPTIONS = local_finetune_options(steps=300, eval_every=300)
+OPTIONS = local_finetune_options(steps=300)
 sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 

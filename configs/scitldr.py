@@ -18,11 +18,12 @@ Result:    test ROUGE-1/2/L (F, best over the references; beam 4, alpha chosen o
 
 Both runs use the pre-training vocabulary and the same settings (``config_files.local_finetune_config``): they
 differ only in their starting parameters. Greedy validation ROUGE every ``eval_every`` steps; the best checkpoint
-by ROUGE-L is kept besides the last. ``eval_every`` defaults to ``steps``: greedy decoding of a weak
-model is slow on a CPU, and the beam search of experiments/pretraining_report.py makes the choices anyway.
+by ROUGE-L is kept besides the last. ``eval_every=0`` (the default) validates once, at the last step:
+greedy decoding of a weak model is slow on a CPU, and the beam search of experiments/pretraining_report.py
+makes the choices anyway.
 
 Options: ``--config configs/scitldr.py:scratch=false,pretrained=workdirs/pretrain_local,steps=400,batch_tokens=4096,
-seed=0,eval_every=400``.
+seed=0,eval_every=0``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from t5x_lite.config_files import (
     parse_options,
 )
 
-OPTIONS = local_finetune_options(steps=400, eval_every=400)
+OPTIONS = local_finetune_options(steps=400)
 sweep = local_finetune_sweep  # the pre-trained and the from-scratch run
 
 

@@ -125,8 +125,9 @@ SUMMARIZATION_BUCKETS = (48, 64, 96, 128, 192, 256, 384, 512)
 compilation of the train step, minutes apiece for t5_v1_1_mini on 2 busy cores; coarser buckets pad a little more."""
 
 
-def local_finetune_options(*, steps: int, eval_every: int) -> dict[str, Any]:
-    """The ``OPTIONS`` of a local fine-tuning config (aeslc.py, scitldr.py, multi30k_t5.py), with its step counts."""
+def local_finetune_options(*, steps: int, eval_every: int = 0) -> dict[str, Any]:
+    """The ``OPTIONS`` of a local fine-tuning config (aeslc.py, scitldr.py, multi30k_t5.py), with its step counts;
+    ``eval_every=0``: one greedy validation, at the last step, whatever ``steps`` the user picks."""
     return {
         "scratch": False,
         "pretrained": LOCAL_PRETRAIN_WORKDIR,
@@ -155,7 +156,7 @@ def local_finetune_config(
     with the pre-training vocabulary (``vocab_task``), Adafactor at a constant 1e-3, dropout 0.1, length-bucketed
     batches, so that the two runs differ in their starting parameters only; the best checkpoint by ``best_metric``
     (higher is better) is kept."""
-    steps, eval_every = options["steps"], options["eval_every"]
+    steps, eval_every = options["steps"], options["eval_every"] or options["steps"]
     config = default_train_config()
     config.seed = options["seed"]
     config.task = task

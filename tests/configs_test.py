@@ -53,3 +53,12 @@ def test_t5_finetune_needs_a_checkpoint_and_chooses_on_validation_only():
     aeslc = load_config(path + ":task=aeslc,size=xl,init_from=x")
     assert (aeslc.eval_split, aeslc.best_metric, aeslc.keep_best_checkpoints) == ("validation", "eval/rougeL", 1)
     assert aeslc.partitioning == "fsdp" and aeslc.model == "t5_v1_1_xl"
+
+
+@pytest.mark.parametrize("name", ["scitldr.py", "multi30k_t5.py"])
+def test_local_finetune_validates_once_at_the_last_step_by_default(name):
+    """``eval_every=0`` follows ``steps``, so a longer run still validates (and checkpoints) at its last step."""
+    config = load_config(os.path.join(CONFIGS, name) + ":steps=37")
+    assert (config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps) == (37, 37, 37)
+    config = load_config(os.path.join(CONFIGS, name) + ":steps=40,eval_every=10")
+    assert config.eval_every_steps == 10
