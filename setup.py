@@ -40,10 +40,13 @@ setup(
             "safetensors>=0.4",
             "submitit>=1.5",  # the sweep's SLURM backend, tested through its LocalExecutor
             "matplotlib>=3.7",  # learning curves and sweep curves
+            "gcsfs>=2024.2",  # gs:// workdirs, tested against a local GCS emulator
+            "gcp-storage-emulator>=2024.8",
         ],
         "tf": ["tensorflow-cpu"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        "gcs": ["gcsfs>=2024.2"],  # --workdir gs://bucket/run (Orbax reads and writes the checkpoints there itself)
         "plot": ["matplotlib>=3.7"],  # learning curves of experiments/translation_report.py and t5x_lite.sweep
         # launching sweeps on clusters (t5x_lite.sweep --backend slurm / skypilot). SkyPilot pins an older click
         # than transformers' hub client wants, so install this extra where you launch from, not with [dev].

@@ -47,6 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from t5x_lite import fileio
+
 CHECKPOINTS_DIR = "checkpoints"
 VOCAB_DIR = "vocab"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -142,7 +144,7 @@ class Checkpointer:
             raise ValueError(f"keep={keep} must be >= 1 (the latest checkpoint is what a resume needs)")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'")
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.workdir = str(fileio.workdir_path(workdir))  # a local path made absolute, or a bucket URL
         self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
         self.save_every_steps = save_every_steps
         self.best_metric = best_metric
@@ -181,7 +183,7 @@ class Checkpointer:
     def save_vocabulary(self, vocab: Any) -> str:
         """Copy the vocabulary into ``WORKDIR/vocab/`` once (a later call with the same vocabulary is a no-op)."""
         directory = os.path.join(self.workdir, VOCAB_DIR)
-        if os.path.isdir(directory) and os.listdir(directory):
+        if fileio.workdir_path(directory).is_dir() and any(fileio.workdir_path(directory).iterdir()):
             return directory
         if jax.process_index() == 0:
             vocab.save(directory)
@@ -344,8 +346,9 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
     ``WORKDIR/checkpoints/`` is read when present; otherwise the ``convert.save_converted`` layout
     (``WORKDIR/params`` + ``model_config.json``). Arrays land on the first local device.
     """
-    workdir = os.path.abspath(os.fspath(workdir))
-    if os.path.isdir(os.path.join(workdir, CHECKPOINTS_DIR)):
+    root = fileio.workdir_path(workdir)
+    workdir = str(root)
+    if (root / CHECKPOINTS_DIR).is_dir():
         checkpointer = Checkpointer(workdir, save_every_steps=1, async_save=False, read_only=True)
         try:
             step = checkpointer._resolve_step(step)
@@ -365,9 +368,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
             return restored["params"]
         finally:
             checkpointer.close()
-    if os.path.isdir(os.path.join(workdir, CONVERTED_PARAMS_DIR)) and os.path.isfile(
-        os.path.join(workdir, CONVERTED_CONFIG_FILE)
-    ):
+    if (root / CONVERTED_PARAMS_DIR).is_dir() and (root / CONVERTED_CONFIG_FILE).is_file():
         if step is not None:
             raise ValueError(f"{workdir} holds a converted checkpoint (no steps); call load_params without step")
         from t5x_lite import convert

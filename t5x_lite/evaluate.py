@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from t5x_lite import compile_cache, models
+from t5x_lite import compile_cache, fileio, models
 from t5x_lite.evaluation import evaluate_loaded, load_workdir
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -68,11 +67,8 @@ def run_tag(settings: models.DecodeSettings, steps: Sequence[int]) -> str:
     return f"{where}.{how}"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
+def _write_text(path: str, text: str) -> None:
+    fileio.write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def format_table(rows: dict[str, float]) -> str:
@@ -106,10 +102,10 @@ def main(argv: Sequence[str]) -> None:
         progress=True,
     )
     seconds = time.perf_counter() - start
-    out_dir = os.path.join(_WORKDIR.value, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"{split}.{run_tag(settings, loaded.steps)}")
-    _write_atomic(f"{stem}.predictions.txt", "".join(p.replace("\n", " ") + "\n" for p in result.predictions))
+    out_dir = fileio.workdir_path(_WORKDIR.value) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = str(out_dir / f"{split}.{run_tag(settings, loaded.steps)}")
+    _write_text(f"{stem}.predictions.txt", "".join(p.replace("\n", " ") + "\n" for p in result.predictions))
     summary = {
         "task": loaded.task.name,
         "split": split,
@@ -119,7 +115,7 @@ def main(argv: Sequence[str]) -> None:
         "signatures": result.signatures,
         "seconds": seconds,
     }
-    _write_atomic(f"{stem}.json", json.dumps(summary, indent=2) + "\n")
+    _write_text(f"{stem}.json", json.dumps(summary, indent=2) + "\n")
     where = f"step {loaded.steps[0]}" if len(loaded.steps) == 1 else f"average of steps {loaded.steps}"
     print(f"{loaded.task.name} {split}: {int(result.metrics['examples'])} examples, {where}, {settings.describe()}")
     print(format_table({k: v for k, v in result.metrics.items() if k != "examples"}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from t5x_lite import checkpoints, metrics, models, partitioning
+from t5x_lite import checkpoints, fileio, metrics, models, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry
 from t5x_lite.data.vocab import Vocabulary
@@ -138,16 +137,16 @@ def load_workdir(
 ) -> LoadedModel:
     """The config, vocabulary, task and parameters (one checkpoint, or the average of the last N) of a workdir;
     ``task`` names another registered task to decode instead of the one trained on (same vocabulary)."""
-    workdir = os.path.abspath(workdir)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
+    root = fileio.workdir_path(workdir)
+    workdir = str(root)
+    config_path = root / "config.json"
+    if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: --workdir must be a t5x_lite.train workdir")
-    with open(config_path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
     # The attention kernel is a speed choice of the machine that trained (cuDNN needs an NVIDIA GPU), not part of
     # the model: evaluation and inference run the einsum path, which every backend has.
     model_cfg = TransformerConfig.from_dict(saved["model"]).replace(attention_kernel="einsum")
-    vocab = Vocabulary.load(os.path.join(workdir, "vocab"))
+    vocab = Vocabulary.load(root / "vocab")
     task = TaskRegistry.get(task or saved["config"]["task"])
     if checkpoint_step is not None and average_last:
         raise ValueError("give --checkpoint_step or --average_last, not both")

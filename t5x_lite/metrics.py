@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from t5x_lite import fileio
+
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]] | Sequence[str]) -> float:
     """Percentage of predictions equal (after stripping) to one of their references."""
@@ -240,35 +242,39 @@ def compute_metrics(
 
 
 class MetricWriter:
-    """Appends ``{'step': s, 'train/loss': ...}`` lines to WORKDIR/metrics.jsonl and scalars to TensorBoard."""
+    """Appends ``{'step': s, 'train/loss': ...}`` lines to WORKDIR/metrics.jsonl and scalars to TensorBoard
+    (WORKDIR/tensorboard); WORKDIR may be a bucket URL (``gs://``)."""
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+        self.path = fileio.workdir_path(workdir) / "metrics.jsonl"
         self._tensorboard = None
+        self._events = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(os.fspath(workdir), "tensorboard"))
+            self._events = fileio.MirroredDirectory(fileio.workdir_path(workdir) / "tensorboard")
+            self._tensorboard = SummaryWriter(self._events.local)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         values = {key: float(value) for key, value in metrics.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
+        fileio.append_text(self.path, json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
         for key, value in values.items():
             if math.isfinite(value):
                 self._tensorboard.add_scalar(key, value, int(step))
         self._tensorboard.flush()
+        self._events.sync()
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._events.close()
+            self._tensorboard = None
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of WORKDIR/metrics.jsonl (for tests and plots)."""
-    path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (fileio.workdir_path(workdir) / "metrics.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

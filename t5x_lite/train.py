@@ -23,7 +23,18 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from t5x_lite import checkpoints, compile_cache, flops, metrics, models, network, optimizers, partitioning, trainer
+from t5x_lite import (
+    checkpoints,
+    compile_cache,
+    fileio,
+    flops,
+    metrics,
+    models,
+    network,
+    optimizers,
+    partitioning,
+    trainer,
+)
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import Mixture, Task, TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
@@ -46,17 +57,17 @@ def _vocabulary(config, task, workdir: str) -> Vocabulary:
     mixture whose vocabulary is trained and cached) or, fine-tuning, the ``init_from`` checkpoint's; else the
     task's own. Fine-tuning with a vocabulary other than the checkpoint's is refused: its token ids mean nothing
     to the pre-trained embeddings."""
-    saved = os.path.join(workdir, "vocab")
-    if os.path.isdir(saved):
+    saved = fileio.workdir_path(workdir) / "vocab"
+    if saved.is_dir():
         return Vocabulary.load(saved)
-    if config.get("init_from") and not os.path.isdir(config.init_from):
+    if config.get("init_from") and not fileio.workdir_path(config.init_from).is_dir():
         raise FileNotFoundError(
             f"init_from={config.init_from!r} is not a directory: train or convert that checkpoint first (for the "
             "local fine-tuning configs: python -m t5x_lite.train --config configs/pretrain_local.py --workdir "
             f"{config.init_from}), or pass the right path"
         )
-    init_vocab_dir = os.path.join(config.init_from, "vocab") if config.get("init_from") else ""
-    init_vocab = Vocabulary.load(init_vocab_dir) if init_vocab_dir and os.path.isdir(init_vocab_dir) else None
+    init_vocab_dir = fileio.workdir_path(config.init_from) / "vocab" if config.get("init_from") else None
+    init_vocab = Vocabulary.load(init_vocab_dir) if init_vocab_dir and init_vocab_dir.is_dir() else None
     vocab_task = config.get("vocab_task", "")
     if init_vocab is not None and not vocab_task:
         return init_vocab
@@ -122,11 +133,13 @@ def evaluate(
         decode=bool(task.metrics),
     )
     if predictions_path and result.predictions and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(predictions_path), exist_ok=True)
-        with open(predictions_path, "w", encoding="utf-8") as f:
-            for prediction, record in zip(result.predictions, result.records, strict=True):
-                row = {"inputs": record["inputs"], "prediction": prediction, "references": record["references"]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        lines = []
+        for prediction, record in zip(result.predictions, result.records, strict=True):
+            row = {"inputs": record["inputs"], "prediction": prediction, "references": record["references"]}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        path = fileio.workdir_path(predictions_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fileio.write_bytes_atomic(path, "".join(lines).encode("utf-8"))
     return {f"eval/{name}": value for name, value in result.metrics.items()}
 
 
@@ -136,12 +149,12 @@ def _predictions_path(workdir: str, config, step: int) -> str:
 
 def show_examples(workdir: str, count: int) -> str:
     """The first ``count`` examples of the latest evaluation's predictions file, for the console."""
-    folder = os.path.join(workdir, PREDICTIONS_DIR)
-    files = [name for name in os.listdir(folder) if name.endswith(".jsonl")] if os.path.isdir(folder) else []
+    folder = fileio.workdir_path(workdir) / PREDICTIONS_DIR
+    files = [path.name for path in folder.iterdir() if path.name.endswith(".jsonl")] if folder.is_dir() else []
     if not files or count <= 0:
         return ""
     latest = max(files, key=lambda name: int(name.rsplit("_step", 1)[-1].split(".")[0]))
-    with open(os.path.join(folder, latest), encoding="utf-8") as f:
+    with (folder / latest).open(encoding="utf-8") as f:
         rows = [json.loads(line) for _, line in zip(range(count), f, strict=False)]
     lines = [f"{len(rows)} examples of {latest}:"]
     for row in rows:
@@ -155,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     launched = time.time()
     # ------------------------------------------------------------------------------------------- setup
     compile_cache.enable(config.get("compilation_cache_dir", ""))
-    os.makedirs(workdir, exist_ok=True)
+    fileio.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     task = TaskRegistry.get(config.task)
     eval_task = _eval_task(config, task)
     vocab = _vocabulary(config, task, workdir)
@@ -174,8 +187,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
     if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({"config": config.to_dict(), "model": model_cfg.to_dict()}, f, indent=2, default=str)
+        resolved = {"config": config.to_dict(), "model": model_cfg.to_dict()}
+        (fileio.workdir_path(workdir) / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
     # ------------------------------------------------------------------------------------------- state and data
     checkpointer = checkpoints.Checkpointer(

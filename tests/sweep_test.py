@@ -277,6 +277,9 @@ def test_launch_recipes_are_valid():
         assert subprocess.run(["bash", "-n", os.path.join(launch, script)]).returncode == 0, script
     tasks = {name: yaml.safe_load(_text(launch, name)) for name in ("tpu_vm.yaml", "gpu_nodes.yaml")}
     assert "python -m t5x_lite.train" in tasks["tpu_vm.yaml"]["run"] and tasks["gpu_nodes.yaml"]["num_nodes"] == 2
+    for task in tasks.values():  # the workdir is the bucket URL itself (tests/fileio_test.py), installed with gcs
+        assert task["envs"]["BUCKET"].startswith("gs://") and "--workdir $BUCKET/runs/" in task["run"]
+        assert "gcs" in task["setup"]
     sky_schemas = pytest.importorskip(
         "sky.utils.schemas", reason="SkyPilot (the launch extra) is not installed: pip install -e '.[launch]'"
     )

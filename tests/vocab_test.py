@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from t5x_lite import fileio
 from t5x_lite.data import vocab as vocab_lib
 from t5x_lite.data.vocab import Vocabulary, train_vocabulary
 
@@ -185,9 +186,9 @@ def test_atomic_write_leaves_no_half_file(tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(vocab_lib.os, "fsync", crash)
+    monkeypatch.setattr(fileio.os, "fsync", crash)
     with pytest.raises(OSError, match="disk gone"):
-        vocab_lib._atomic_write(tmp_path / "x.model", b"half")
+        fileio.write_bytes_atomic(tmp_path / "x.model", b"half")
     assert os.listdir(tmp_path) == []
 
 

@@ -13,8 +13,7 @@ REPO=${REPO:-https://github.com/OWNER/t5x_lite}   # your fork or mirror
 
 gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$TYPE" --version "$VERSION"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  git clone $REPO t5x_lite && cd t5x_lite && pip install -e '.[tpu]' &&
-  sudo mkdir -p /bucket && sudo chown \$USER /bucket && gcsfuse --implicit-dirs ${BUCKET#gs://} /bucket"
+  git clone $REPO t5x_lite && cd t5x_lite && pip install -e '.[tpu,gcs]'"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   cd t5x_lite && TFDS_DATA_DIR=$BUCKET/tensorflow_datasets \
-  python -m t5x_lite.train --config configs/c4_span_corruption.py:size=base --workdir /bucket/runs/c4_base"
+  python -m t5x_lite.train --config configs/c4_span_corruption.py:size=base --workdir $BUCKET/runs/c4_base"

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+from t5x_lite import fileio
 
 MODEL_FILENAME = "spm.model"
 META_FILENAME = "vocab.json"
@@ -53,7 +54,7 @@ class Vocabulary:
         if isinstance(model, (bytes, bytearray, memoryview)):
             model_bytes, source = bytes(model), "the model bytes"
         elif isinstance(model, (str, os.PathLike)):
-            path = Path(model)
+            path = fileio.workdir_path(model)
             if path.is_dir():
                 raise ValueError(
                     f"vocabulary model {str(path)!r} is a directory; use Vocabulary.load({str(path)!r}) for a "
@@ -188,17 +189,17 @@ class Vocabulary:
 
         Both files are written atomically; the model file is the plain SentencePiece model, readable by any tool.
         """
-        directory = Path(directory)
+        directory = fileio.workdir_path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"extra_ids": self._extra_ids, "fingerprint": self._fingerprint, "vocab_size": self._vocab_size}
-        _atomic_write(directory / MODEL_FILENAME, self._model_bytes)
-        _atomic_write(directory / META_FILENAME, (json.dumps(meta, indent=2) + "\n").encode())
+        fileio.write_bytes_atomic(directory / MODEL_FILENAME, self._model_bytes)
+        fileio.write_bytes_atomic(directory / META_FILENAME, (json.dumps(meta, indent=2) + "\n").encode())
         return str(directory / MODEL_FILENAME)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Vocabulary:
         """Inverse of ``save``; checks the fingerprint recorded there, so a mismatched pair of files is caught."""
-        directory = Path(directory)
+        directory = fileio.workdir_path(directory)
         model_path, meta_path = directory / MODEL_FILENAME, directory / META_FILENAME
         for path in (model_path, meta_path):
             if not path.is_file():
@@ -234,21 +235,6 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary(vocab_size={self._vocab_size}, extra_ids={self._extra_ids}, {self._fingerprint[:12]})"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, then renames it: readers see the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _train_sentencepiece(sentences: list[str], settings: dict) -> bytes:
@@ -368,6 +354,6 @@ def train_vocabulary(
 
     model_bytes = _train_sentencepiece(_subsample(sentences, max_sentences), settings)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, model_bytes)
+    fileio.write_bytes_atomic(path, model_bytes)
     _log.info("trained a %s vocabulary of %d pieces on %d texts: %s", model_type, vocab_size, len(sentences), path)
     return Vocabulary(model_bytes, extra_ids=extra_ids)
