@@ -28,6 +28,7 @@ setup(
         "tensorboardX>=2.6",
         "numpy>=1.26",
         "protobuf>=4",  # sentencepiece model editing (sentinel pieces)
+        "qwix>=0.1.8",  # int8 / fp8 quantization of trained models (t5x_lite.quantize)
     ],
     extras_require={
         # torch is pinned: it is a CPU wheel on the build machines; an unpinned torch pulls a multi-GB CUDA build.

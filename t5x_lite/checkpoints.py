@@ -335,6 +335,22 @@ class Checkpointer:
         return restored[STATE], dict(restored[DATA] or {}), dict(restored[CONFIG] or {})
 
 
+def _rebuild_quantized(root: Any, params: Any) -> Any:
+    """A quantized workdir (``t5x_lite.quantize``) stores ``{qvalue, scale}`` dicts: rebuild the Qwix tree that
+    its model (``config.json``'s ``model.quantization``) applies. Float checkpoints pass through."""
+    from t5x_lite import network, quantization
+
+    if not quantization.holds_quantized(params):
+        return params
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: a quantized checkpoint needs it to know its model")
+    cfg = network.TransformerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))["model"])
+    if not cfg.quantization:
+        raise ValueError(f"{root} holds quantized weights but config.json's model.quantization is empty")
+    return quantization.from_storage(params, network.quantized_abstract_params(cfg))
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Parameters only, for tools and tests.
 # -------------------------------------------------------------------------------------------------------------
@@ -365,7 +381,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
                     restored = reader.restore(os.path.join(checkpointer._step_dir(step), STATE), args=args)
             except Exception as error:  # noqa: BLE001
                 raise checkpointer._corrupt(step, error) from None
-            return restored["params"]
+            return _rebuild_quantized(root, restored["params"])
         finally:
             checkpointer.close()
     if (root / CONVERTED_PARAMS_DIR).is_dir() and (root / CONVERTED_CONFIG_FILE).is_file():

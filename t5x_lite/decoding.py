@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import network
-from t5x_lite.network import Transformer, TransformerConfig
+from t5x_lite.network import TransformerConfig
 
 NEG_INF = -1.0e7  # "impossible" score; finite, so that sums and divisions of it stay well defined
 
@@ -48,7 +48,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def _encode(cfg: TransformerConfig, params: Any, encoder_input_tokens: jax.Array) -> jax.Array:
-    return Transformer(cfg).apply({"params": params}, encoder_input_tokens, method=Transformer.encode)
+    return network.build_model(cfg).apply({"params": params}, encoder_input_tokens, method="encode")
 
 
 def _decode_loop(

@@ -152,6 +152,11 @@ def load_workdir(
         raise ValueError("give --checkpoint_step or --average_last, not both")
     if average_last < 0:
         raise ValueError(f"--average_last={average_last} must be a positive number of checkpoints")
+    if average_last > 1 and model_cfg.quantization:
+        raise ValueError(
+            f"{workdir} is quantized ({model_cfg.quantization}): average the float checkpoints before quantizing "
+            "(python -m t5x_lite.quantize --average_last N)"
+        )
     if average_last:
         steps = checkpoint_steps(workdir)
         if len(steps) < average_last:
@@ -160,7 +165,8 @@ def load_workdir(
                 "average fewer, or keep more with config.keep_checkpoints"
             )
         steps = steps[-average_last:]
-        params = average_params([checkpoints.load_params(workdir, step) for step in steps])
+        trees = [checkpoints.load_params(workdir, step) for step in steps]
+        params = trees[0] if len(trees) == 1 else average_params(trees)
     else:
         step = checkpoint_step if checkpoint_step is not None else (checkpoint_steps(workdir) or [None])[-1]
         params = checkpoints.load_params(workdir, step)

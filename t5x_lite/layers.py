@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import quantization
+
 # Additive bias for masked attention logits: large enough to zero a softmax weight, finite so that a fully
 # masked row (a padding query) gives a uniform distribution rather than NaN.
 NEG_INF = -1e10
@@ -118,6 +120,8 @@ class Embed(nn.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer ids, got dtype {ids.dtype}")
+        if quantization.is_quantized(self.embedding):  # int8 rows and their scales (t5x_lite.quantize)
+            return quantization.take_rows(self.embedding, ids, self.dtype)
         return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
     def attend(self, query: jax.Array) -> jax.Array:

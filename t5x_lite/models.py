@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import decoding
-from t5x_lite.network import Transformer, TransformerConfig
+from t5x_lite import decoding, network
+from t5x_lite.network import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def score_batch(cfg: TransformerConfig, params: Any, batch: Mapping[str, jax.Arr
     """Log-likelihood [batch] of ``decoder_target_tokens`` (summed over its non-padding tokens, or weighted by
     ``decoder_loss_weights``) given ``encoder_input_tokens``, teacher-forced on ``decoder_input_tokens``."""
     targets = batch["decoder_target_tokens"]
-    logits = Transformer(cfg).apply(
+    logits = network.build_model(cfg).apply(
         {"params": params},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],

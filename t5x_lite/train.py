@@ -173,6 +173,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_task = _eval_task(config, task)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab)
+    if model_cfg.quantization:
+        raise ValueError(
+            f"model quantization={model_cfg.quantization!r} is post-training only: train in float, then run "
+            "python -m t5x_lite.quantize --workdir W --out W_Q (quantization-aware training is not built yet)"
+        )
     if config.pack and model_cfg.attention_kernel != "einsum":
         raise ValueError(
             f"model attention_kernel={model_cfg.attention_kernel!r} takes padded batches only, and pack=True packs "

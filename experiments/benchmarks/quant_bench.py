@@ -1,0 +1,143 @@
+"""Post-training quantization of a trained translation workdir: BLEU, bytes and decoding speed against float32.
+
+    ../shared/tools/quiet-run -- python experiments/benchmarks/quant_bench.py --workdir workdirs/multi30k \\
+        --out experiments/results/quantization --split test_2016_flickr --beam_size 4 --alpha 1.0 --average_last 3
+
+For float32 and each ``--schemes`` entry (``python -m t5x_lite.quantize`` into ``WORKDIR_quantized/<scheme>``,
+reused when present) it prints and writes to ``OUT.json`` / ``OUT.md``:
+- the split's task metrics (tokenized lowercased BLEU for Multi30k) with the same beam search;
+- parameter bytes (arrays and scales) and the on-disk bytes of a parameters-only Orbax checkpoint;
+- decoding speed: the split decoded once more after a warm-up batch has compiled, in sentences/s and generated
+  target tokens/s (the predictions re-tokenized, plus EOS), in the same process one after another.
+The last line is ``ratio (int8 / float32 decoding tokens/s): X`` for the first scheme. Hardware: any; the
+figures in docs/compression.md are from 2 CPU cores. Time: about 1-2 minutes per model for Multi30k on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax  # noqa: E402
+
+from t5x_lite import models, quantization, quantize  # noqa: E402
+from t5x_lite.checkpoints import Checkpointer  # noqa: E402
+from t5x_lite.evaluation import LoadedModel, evaluate_loaded, load_workdir  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a trained (float) workdir")
+    parser.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
+    parser.add_argument("--split", default="test_2016_flickr")
+    parser.add_argument("--schemes", default="int8,int8_dynamic", help=f"comma-separated: {list(quantization.SCHEMES)}")
+    parser.add_argument("--keep_embeddings", action="store_true")
+    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--average_last", type=int, default=1, help="checkpoints averaged before quantizing")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_examples", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def disk_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def params_on_disk(params) -> int:
+    """On-disk bytes of ``params`` alone in the Orbax layout training checkpoints use."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpointer = Checkpointer(tmp, save_every_steps=1, keep=1, async_save=False)
+        checkpointer.maybe_save(1, {"params": quantization.to_storage(params)}, None, force=True)
+        checkpointer.wait()
+        checkpointer.close()
+        return disk_bytes(os.path.join(tmp, "checkpoints"))
+
+
+def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
+    settings = models.DecodeSettings(beam_size=args.beam_size, alpha=args.alpha)
+    evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.batch_size)  # compile
+    start = time.perf_counter()
+    result = evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.max_examples)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(loaded.vocab.encode(text)) + 1 for text in result.predictions)
+    row = {
+        "model": name,
+        "metrics": {k: v for k, v in result.metrics.items()},
+        "param_bytes": quantization.storage_bytes(quantization.to_storage(loaded.params)),
+        "disk_bytes": params_on_disk(loaded.params),
+        "decode_seconds": seconds,
+        "sentences_per_s": len(result.predictions) / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
+    metric = "tok_bleu" if "tok_bleu" in row["metrics"] else sorted(row["metrics"])[0]
+    print(
+        f"{name:>14}: {metric} {row['metrics'][metric]:.2f}  params {row['param_bytes']:,} B"
+        f"  disk {row['disk_bytes']:,} B  decode {row['sentences_per_s']:.1f} sent/s, {row['tokens_per_s']:.0f} tok/s",
+        flush=True,
+    )
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    schemes = [s for s in args.schemes.split(",") if s]
+    for scheme in schemes:
+        quantization.check_scheme(scheme)
+    rows = [measure("float32", load_workdir(args.workdir, average_last=args.average_last), args)]
+    for scheme in schemes:
+        suffix = "_keep_embeddings" if args.keep_embeddings else ""
+        out = os.path.join(args.workdir.rstrip("/") + "_quantized", scheme + suffix)
+        if not os.path.isdir(os.path.join(out, "checkpoints")):
+            quantize.quantize_workdir(
+                args.workdir, out, scheme, keep_embeddings=args.keep_embeddings, average_last=args.average_last
+            )
+        rows.append(measure(scheme + suffix, load_workdir(out), args))
+    base = rows[0]
+    for row in rows:
+        row["bytes_ratio"] = row["param_bytes"] / base["param_bytes"]
+        row["disk_ratio"] = row["disk_bytes"] / base["disk_bytes"]
+        row["speed_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, {jax.default_backend()}",
+        "command": " ".join([os.path.relpath(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "workdir": args.workdir,
+        "split": args.split,
+        "decoding": {"beam_size": args.beam_size, "alpha": args.alpha, "average_last": args.average_last},
+        "rows": rows,
+    }
+    with open(args.out + ".json", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    metric = "tok_bleu" if "tok_bleu" in base["metrics"] else sorted(base["metrics"])[0]
+    lines = [
+        f"| model | {args.split} {metric} | parameter bytes | on disk | decoding tokens/s (beam {args.beam_size}) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        delta = row["metrics"][metric] - base["metrics"][metric]
+        lines.append(
+            f"| {row['model']} | {row['metrics'][metric]:.2f} ({delta:+.2f}) | {row['param_bytes']:,} "
+            f"({100 * row['bytes_ratio']:.1f}%) | {row['disk_bytes']:,} ({100 * row['disk_ratio']:.1f}%) | "
+            f"{row['tokens_per_s']:.0f} ({row['speed_ratio']:.2f}x) |"
+        )
+    with open(args.out + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if len(rows) > 1:
+        print(f"ratio ({rows[1]['model']} / float32 decoding tokens/s): {rows[1]['speed_ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

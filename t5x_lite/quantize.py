@@ -1,0 +1,107 @@
+"""Post-training quantization of a trained workdir into a new one that evaluate, infer and load_params accept.
+
+    python -m t5x_lite.quantize --workdir DIR --out DIR_Q --scheme int8|int8_dynamic|fp8 [--keep_embeddings]
+        [--checkpoint_step N | --average_last N]
+
+Schemes (Qwix, per-channel scales): ``int8`` weight-only; ``int8_dynamic`` int8 weights and dynamically quantized
+int8 activations; ``fp8`` float8_e4m3 weights and activations (where the backend runs float8 dots).
+``--keep_embeddings`` keeps the token table and output projection in float. DIR_Q gets ``config.json`` (the model
+with ``quantization`` set, and where it came from), ``vocab/``, one checkpoint (at the source's step) holding the
+quantized parameters, and ``quantization.json`` (bytes before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from t5x_lite import fileio, network, quantization
+from t5x_lite.checkpoints import Checkpointer
+from t5x_lite.evaluation import load_workdir
+
+
+def quantize_workdir(
+    workdir: str,
+    out: str,
+    scheme: str,
+    *,
+    keep_embeddings: bool = False,
+    checkpoint_step: int | None = None,
+    average_last: int = 0,
+) -> dict[str, Any]:
+    """Quantize ``workdir``'s parameters into the new workdir ``out``; returns what ``quantization.json`` records."""
+    quantization.check_scheme(scheme)
+    if not scheme:
+        raise ValueError("--scheme is empty; choose one of " + ", ".join(quantization.SCHEMES))
+    source = fileio.workdir_path(workdir)
+    target = fileio.workdir_path(out)
+    if target == source:
+        raise ValueError(f"--out={out} is the source workdir; quantize into a new directory")
+    if (target / "checkpoints").is_dir() and any((target / "checkpoints").iterdir()):
+        raise FileExistsError(f"{target}/checkpoints already holds checkpoints; choose another --out or remove it")
+    loaded = load_workdir(workdir, checkpoint_step=checkpoint_step, average_last=average_last)
+    if loaded.model_cfg.quantization:
+        raise ValueError(f"{workdir} is already quantized ({loaded.model_cfg.quantization}); quantize its float source")
+    params = loaded.params
+    if loaded.model_cfg.scan_layers:  # Qwix quantizes per layer: store the unscanned layout (same function)
+        params = network.unscan_params(params, loaded.model_cfg)
+    changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False)
+    cfg = loaded.model_cfg.replace(**changes)
+    stored = quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(cfg)))
+    saved = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    saved["model"] = {**saved["model"], **changes}
+    record = {
+        "source_workdir": str(source),
+        "source_steps": list(loaded.steps),
+        "scheme": scheme,
+        "quantize_embeddings": not keep_embeddings,
+        "float_param_bytes": quantization.storage_bytes(loaded.params),
+        "quantized_param_bytes": quantization.storage_bytes(stored),
+    }
+    record["ratio"] = record["quantized_param_bytes"] / record["float_param_bytes"]
+    saved["quantized_from"] = record
+
+    target.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(str(target), save_every_steps=1, keep=1, async_save=False, config=saved["config"])
+    try:
+        checkpointer.save_vocabulary(loaded.vocab)
+        checkpointer.maybe_save(loaded.steps[-1], {"params": stored}, None, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    (target / "config.json").write_text(json.dumps(saved, indent=2, default=str), encoding="utf-8")
+    (target / "quantization.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m t5x_lite.quantize", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a trained workdir (config.json, vocab/, checkpoints/)")
+    parser.add_argument("--out", required=True, help="new workdir for the quantized model")
+    parser.add_argument("--scheme", default="int8", choices=list(quantization.SCHEMES))
+    parser.add_argument(
+        "--keep_embeddings", action="store_true", help="keep the token table / output projection in float"
+    )
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--average_last", type=int, default=0, help="quantize the average of the last N checkpoints")
+    args = parser.parse_args(argv)
+    record = quantize_workdir(
+        args.workdir,
+        args.out,
+        args.scheme,
+        keep_embeddings=args.keep_embeddings,
+        checkpoint_step=args.checkpoint_step,
+        average_last=args.average_last,
+    )
+    print(
+        f"{record['scheme']}: {record['float_param_bytes']:,} -> {record['quantized_param_bytes']:,} parameter bytes "
+        f"({100 * record['ratio']:.1f}%), steps {record['source_steps']} of {record['source_workdir']} -> {args.out}",
+        file=sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
