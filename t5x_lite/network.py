@@ -65,6 +65,9 @@ class TransformerConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"  # parameters
     scan_layers: bool = False  # nn.scan over layers: compile time flat in depth
+    # One layer's parameters reused by every layer of the encoder and of the decoder (ALBERT, Universal
+    # Transformer): a scanned stack whose parameters are broadcast instead of stacked. Needs scan_layers=True.
+    share_layers: bool = False
     remat_policy: str = "none"  # none | minimal (save matmul outputs) | full (save nothing)
     attention_kernel: str = "einsum"  # einsum (any mask, dropout) | xla | cudnn (GPU flash attention, bf16)
     dropout_generator: str = "threefry"  # random bits of dropout masks: threefry (flax's) | hash (cheap on CPUs)
@@ -129,6 +132,8 @@ class TransformerConfig:
             quantization.check_scheme(self.quantization)
         except ValueError as error:
             fail("quantization", str(error))
+        if self.share_layers and not self.scan_layers:
+            fail("share_layers", "needs scan_layers=True (the shared layer is applied by nn.scan)")
         if self.quantization and self.scan_layers:
             fail("quantization", "is not supported with scan_layers=True; quantize the unscanned layout")
         if self.position_embedding == "relative":
@@ -318,6 +323,16 @@ def _stack(
         )
     if not cfg.scan_layers:
         return [functools.partial(layer_cls, config=cfg, name=f"layers_{i}") for i in range(num_layers)]
+    if cfg.share_layers:  # one set of parameters, broadcast to every step; each layer still has its own cache
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"cache": 0},
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=(nn.broadcast,) * num_broadcast_args,
+            length=num_layers,
+        )
+        return [functools.partial(scanned, config=cfg, scanned=True, name="layers")]
     scanned = nn.scan(
         layer_cls,
         variable_axes={"params": 0, "cache": 0},
@@ -799,7 +814,7 @@ def _field_for_mismatch(cfg: TransformerConfig, name: str, expected: tuple, actu
         "max_position_embeddings": cfg.max_position_embeddings,
     }
     layers_field = "num_decoder_layers" if name.startswith("decoder") else "num_encoder_layers"
-    stacked = cfg.scan_layers and "/layers/" in f"/{name}/"  # a leading axis of one entry per layer
+    stacked = cfg.scan_layers and not cfg.share_layers and "/layers/" in f"/{name}/"  # one entry per layer
     if stacked and len(expected) and len(actual) and expected[0] != actual[0]:
         return layers_field
     for dim_expected, dim_actual in zip(expected, actual, strict=False):
@@ -824,6 +839,8 @@ def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
 
 def scan_params(params: Any, cfg: TransformerConfig) -> Any:
     """Unscanned layout (``layers_0``, ``layers_1`` ...) -> scanned (``layers`` with a leading layer axis)."""
+    if cfg.share_layers:
+        raise ValueError("share_layers=True models have one layer per stack, not a per-layer layout to convert")
     from flax import traverse_util
 
     out = dict(params)
@@ -839,6 +856,8 @@ def scan_params(params: Any, cfg: TransformerConfig) -> Any:
 
 def unscan_params(params: Any, cfg: TransformerConfig) -> Any:
     """Scanned layout -> unscanned layout (inverse of ``scan_params``)."""
+    if cfg.share_layers:
+        raise ValueError("share_layers=True models have one layer per stack, not a per-layer layout to convert")
     out = dict(params)
     for stack, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
         stack_params = dict(params[stack])

@@ -44,6 +44,8 @@ def quantize_workdir(
     loaded = load_workdir(workdir, checkpoint_step=checkpoint_step, average_last=average_last)
     if loaded.model_cfg.quantization:
         raise ValueError(f"{workdir} is already quantized ({loaded.model_cfg.quantization}); quantize its float source")
+    if loaded.model_cfg.share_layers:
+        raise ValueError(f"{workdir} shares its layers (share_layers=True); quantizing it is not supported yet")
     params = loaded.params
     if loaded.model_cfg.scan_layers:  # Qwix quantizes per layer: store the unscanned layout (same function)
         params = network.unscan_params(params, loaded.model_cfg)
