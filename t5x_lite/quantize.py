@@ -13,12 +13,10 @@ quantized parameters, and ``quantization.json`` (bytes before and after).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from t5x_lite import fileio, network, quantization
-from t5x_lite.checkpoints import Checkpointer
+from t5x_lite import derived_workdir, fileio, network, quantization
 from t5x_lite.evaluation import load_workdir
 
 
@@ -35,12 +33,7 @@ def quantize_workdir(
     quantization.check_scheme(scheme)
     if not scheme:
         raise ValueError("--scheme is empty; choose one of " + ", ".join(quantization.SCHEMES))
-    source = fileio.workdir_path(workdir)
-    target = fileio.workdir_path(out)
-    if target == source:
-        raise ValueError(f"--out={out} is the source workdir; quantize into a new directory")
-    if (target / "checkpoints").is_dir() and any((target / "checkpoints").iterdir()):
-        raise FileExistsError(f"{target}/checkpoints already holds checkpoints; choose another --out or remove it")
+    derived_workdir.check_target(workdir, out, "quantize")
     loaded = load_workdir(workdir, checkpoint_step=checkpoint_step, average_last=average_last)
     if loaded.model_cfg.quantization:
         raise ValueError(f"{workdir} is already quantized ({loaded.model_cfg.quantization}); quantize its float source")
@@ -52,10 +45,8 @@ def quantize_workdir(
     changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False)
     cfg = loaded.model_cfg.replace(**changes)
     stored = quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(cfg)))
-    saved = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    saved["model"] = {**saved["model"], **changes}
     record = {
-        "source_workdir": str(source),
+        "source_workdir": str(fileio.workdir_path(workdir)),
         "source_steps": list(loaded.steps),
         "scheme": scheme,
         "quantize_embeddings": not keep_embeddings,
@@ -63,18 +54,16 @@ def quantize_workdir(
         "quantized_param_bytes": quantization.storage_bytes(stored),
     }
     record["ratio"] = record["quantized_param_bytes"] / record["float_param_bytes"]
-    saved["quantized_from"] = record
-
-    target.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(str(target), save_every_steps=1, keep=1, async_save=False, config=saved["config"])
-    try:
-        checkpointer.save_vocabulary(loaded.vocab)
-        checkpointer.maybe_save(loaded.steps[-1], {"params": stored}, None, force=True)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    (target / "config.json").write_text(json.dumps(saved, indent=2, default=str), encoding="utf-8")
-    (target / "quantization.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    derived_workdir.write_derived_workdir(
+        workdir,
+        out,
+        vocab=loaded.vocab,
+        step=loaded.steps[-1],
+        params=stored,
+        model_changes=changes,
+        record_name="quantization",
+        record=record,
+    )
     return record
 
 
