@@ -1,15 +1,17 @@
-"""Post-training quantization of a trained translation workdir: BLEU, bytes and decoding speed against float32.
+"""Compressed copies of a trained translation workdir: BLEU, parameters, bytes and decoding speed against float32.
 
-    ../shared/tools/quiet-run -- python experiments/benchmarks/quant_bench.py --workdir workdirs/multi30k \\
-        --out experiments/results/quantization --split test_2016_flickr --beam_size 4 --alpha 1.0 --average_last 3
+    ../shared/tools/quiet-run -- python experiments/benchmarks/compression_bench.py --workdir workdirs/multi30k \\
+        --out experiments/results/compression --split test_2016_flickr --beam_size 4 --alpha 1.0 --average_last 3 \\
+        [--extra pruned=workdirs/multi30k_pruned_ft:3 --extra shared_layers=workdirs/multi30k_shared:3]
 
-For float32 and each ``--schemes`` entry (``python -m t5x_lite.quantize`` into ``WORKDIR_quantized/<scheme>``,
-reused when present) it prints and writes to ``OUT.json`` / ``OUT.md``:
+For float32, each ``--schemes`` entry (``python -m t5x_lite.quantize`` into ``WORKDIR_quantized/<scheme>``,
+reused when present) and each ``--extra NAME=WORKDIR[:AVERAGE_LAST]`` (a pruned, distilled or shared-layer model
+trained separately) it prints and writes to ``OUT.json`` / ``OUT.md`` / ``OUT.png`` (BLEU against bytes):
 - the split's task metrics (tokenized lowercased BLEU for Multi30k) with the same beam search;
 - parameter bytes (arrays and scales) and the on-disk bytes of a parameters-only Orbax checkpoint;
 - decoding speed: the split decoded once more after a warm-up batch has compiled, in sentences/s and generated
   target tokens/s (the predictions re-tokenized, plus EOS), in the same process one after another.
-The last line is ``ratio (int8 / float32 decoding tokens/s): X`` for the first scheme. Hardware: any; the
+The last line is ``ratio (int8 / float32 decoding tokens/s): X`` for the first row after float32. Hardware: any; the
 figures in docs/compression.md are from 2 CPU cores. Time: about 1-2 minutes per model for Multi30k on 2 cores.
 """
 
@@ -46,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--average_last", type=int, default=1, help="checkpoints averaged before quantizing")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_examples", type=int, default=0)
+    parser.add_argument("--extra", action="append", default=[], help="NAME=WORKDIR[:AVERAGE_LAST], repeatable")
     return parser.parse_args(argv)
 
 
@@ -63,6 +66,15 @@ def params_on_disk(params) -> int:
         return disk_bytes(os.path.join(tmp, "checkpoints"))
 
 
+def count_parameters(stored) -> int:
+    """Weights in a stored tree; a quantized weight's ``{qvalue, scale}`` counts its values, not its scales."""
+    if isinstance(stored, dict):
+        if "qvalue" in stored:
+            return int(stored["qvalue"].size)
+        return sum(count_parameters(child) for child in stored.values())
+    return int(stored.size)
+
+
 def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
     settings = models.DecodeSettings(beam_size=args.beam_size, alpha=args.alpha)
     evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.batch_size)  # compile
@@ -73,6 +85,7 @@ def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
     row = {
         "model": name,
         "metrics": {k: v for k, v in result.metrics.items()},
+        "parameters": count_parameters(quantization.to_storage(loaded.params)),
         "param_bytes": quantization.storage_bytes(quantization.to_storage(loaded.params)),
         "disk_bytes": params_on_disk(loaded.params),
         "decode_seconds": seconds,
@@ -86,6 +99,27 @@ def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
         flush=True,
     )
     return row
+
+
+def plot(rows: list, metric: str, args: argparse.Namespace) -> None:
+    """OUT.png: the split's metric against on-disk bytes, one labelled point per model (needs the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing (pip install -e '.[plot]'): no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.scatter(row["disk_bytes"] / 2**20, row["metrics"][metric])
+        ax.annotate(row["model"], (row["disk_bytes"] / 2**20, row["metrics"][metric]), fontsize=8)
+    ax.set_xlabel("checkpoint size on disk (MiB)")
+    ax.set_ylabel(f"{args.split} {metric}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
 
 
 def main(argv=None) -> None:
@@ -102,6 +136,10 @@ def main(argv=None) -> None:
                 args.workdir, out, scheme, keep_embeddings=args.keep_embeddings, average_last=args.average_last
             )
         rows.append(measure(scheme + suffix, load_workdir(out), args))
+    for extra in args.extra:
+        name, _, source = extra.partition("=")
+        workdir, _, average = source.partition(":")
+        rows.append(measure(name, load_workdir(workdir, average_last=int(average or 0)), args))
     base = rows[0]
     for row in rows:
         row["bytes_ratio"] = row["param_bytes"] / base["param_bytes"]
@@ -122,19 +160,22 @@ def main(argv=None) -> None:
         json.dump(record, f, indent=2)
     metric = "tok_bleu" if "tok_bleu" in base["metrics"] else sorted(base["metrics"])[0]
     lines = [
-        f"| model | {args.split} {metric} | parameter bytes | on disk | decoding tokens/s (beam {args.beam_size}) |",
-        "|---|---|---|---|---|",
+        f"| model | {args.split} {metric} | parameters | parameter bytes | on disk | decoding tokens/s (beam "
+        f"{args.beam_size}) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         delta = row["metrics"][metric] - base["metrics"][metric]
         lines.append(
-            f"| {row['model']} | {row['metrics'][metric]:.2f} ({delta:+.2f}) | {row['param_bytes']:,} "
+            f"| {row['model']} | {row['metrics'][metric]:.2f} ({delta:+.2f}) | {row['parameters']:,} | "
+            f"{row['param_bytes']:,} "
             f"({100 * row['bytes_ratio']:.1f}%) | {row['disk_bytes']:,} ({100 * row['disk_ratio']:.1f}%) | "
             f"{row['tokens_per_s']:.0f} ({row['speed_ratio']:.2f}x) |"
         )
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows, metric, args)
     if len(rows) > 1:
         print(f"ratio ({rows[1]['model']} / float32 decoding tokens/s): {rows[1]['speed_ratio']:.2f}")
 
