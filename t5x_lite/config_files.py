@@ -106,6 +106,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.best_mode = "min"
     config.early_stopping_patience = 0  # stop after this many evals without a better best_metric; 0: never
     config.init_from = ""  # a training workdir (its latest params and vocab/) or a converted one (convert from-hf)
+    # Word-level distillation (docs/compression.md): a trained workdir whose token distributions the model learns
+    # too, run inside the train step; loss = (1 - w) * cross entropy + w * T^2 * KL(teacher_T || model_T).
+    config.distill_teacher = ""
+    config.distill_temperature = 1.0
+    config.distill_weight = 0.5
     config.skip_nonfinite_updates = False  # True: drop an update whose loss/gradient is not finite, keep going
     config.debug_crash_after_step = 0  # fault injection (tests): SIGKILL right after saving that step
     config.profile_steps = ()  # e.g. (100, 110): a jax.profiler trace of those steps in WORKDIR/profile

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import zlib
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ from t5x_lite import (
     compile_cache,
     fileio,
     flops,
+    losses,
     metrics,
     models,
     network,
@@ -80,6 +82,39 @@ def _vocabulary(config, task, workdir: str) -> Vocabulary:
             f"{init_vocab.fingerprint[:12]}); drop vocab_task to use the checkpoint's vocabulary"
         )
     return vocab
+
+
+def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distillation | None, Any]:
+    """The distillation settings and the teacher's parameters (``config.distill_teacher``), or ``(None, None)``."""
+    teacher = config.get("distill_teacher", "")
+    if not teacher:
+        return None, None
+    root = fileio.workdir_path(teacher)
+    if not (root / "config.json").is_file() or not (root / "vocab").is_dir():
+        raise FileNotFoundError(f"distill_teacher={teacher!r} is not a trained workdir (config.json and vocab/)")
+    teacher_cfg = network.TransformerConfig.from_dict(json.loads((root / "config.json").read_text())["model"])
+    if teacher_cfg.quantization:
+        raise ValueError(f"distill_teacher={teacher!r} is quantized ({teacher_cfg.quantization}); use its float source")
+    teacher_vocab = Vocabulary.load(root / "vocab")
+    if teacher_vocab.fingerprint != vocab.fingerprint:
+        raise ValueError(
+            f"distill_teacher={teacher!r} has another vocabulary ({teacher_vocab.vocab_size} ids, "
+            f"{teacher_vocab.fingerprint[:12]}) than this run ({vocab.vocab_size} ids, {vocab.fingerprint[:12]}): "
+            "its token distributions mean nothing here; train the student on the teacher's task or vocab_task"
+        )
+    distillation = trainer.Distillation(
+        teacher_cfg.replace(attention_kernel="einsum"), config.distill_temperature, config.distill_weight
+    )
+    losses.check_distillation(distillation.temperature, distillation.weight)
+    params = checkpoints.load_params(teacher)
+    network.check_params_match(teacher_cfg, params, source=f"the checkpoint in distill_teacher={teacher}")
+    if verbose:
+        print(
+            f"distilling from {teacher} ({network.count_params(teacher_cfg):,} parameters), temperature "
+            f"{distillation.temperature}, weight {distillation.weight}"
+            + ("; the loss uses whole logits (loss_chunk_tokens ignored)" if config.get("loss_chunk_tokens") else "")
+        )
+    return distillation, params
 
 
 def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
@@ -191,6 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
+    distillation, teacher_params = _teacher(config, vocab, is_chief)
     if is_chief:
         resolved = {"config": config.to_dict(), "model": model_cfg.to_dict()}
         (fileio.workdir_path(workdir) / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
@@ -270,6 +306,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         schedule=schedule,
         skip_nonfinite=config.get("skip_nonfinite_updates", False),
         loss_chunk_tokens=loss_chunk_tokens,
+        distillation=distillation,
+        teacher_params=teacher_params,
     )
     if plan is not None and start_step < end_step:
         started = time.perf_counter()

@@ -16,6 +16,7 @@ docs/training.md ("Train step").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -143,18 +144,24 @@ def create_train_state(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _loss_sums(
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """Word-level distillation from a teacher run inside the train step (``losses.distillation_cross_entropy``)."""
+
+    teacher_cfg: network.TransformerConfig
+    temperature: float = 1.0
+    weight: float = 0.5
+
+
+def _forward(
+    model_cfg: network.TransformerConfig,
     params: Any,
     batch: Batch,
-    model_cfg: network.TransformerConfig,
     dropout_rng: jax.Array | None,
-    label_smoothing: float,
-    z_loss: float,
-    loss_chunk_tokens: int = 0,
-) -> dict[str, jax.Array]:
-    """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given.
-    ``loss_chunk_tokens`` > 0 fuses the output projection into the loss (``losses.projected_cross_entropy``)."""
-    outputs = network.Transformer(model_cfg).apply(
+    return_hidden: bool = False,
+) -> jax.Array:
+    """Teacher-forced logits (or, with ``return_hidden``, final hidden states) of one (micro)batch."""
+    return network.build_model(model_cfg).apply(
         {"params": params},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
@@ -164,9 +171,37 @@ def _loss_sums(
         batch.get("encoder_positions"),
         batch.get("decoder_positions"),
         enable_dropout=dropout_rng is not None,
-        return_hidden=loss_chunk_tokens > 0,
+        return_hidden=return_hidden,
         rngs={"dropout": dropout_rng} if dropout_rng is not None else None,
     )
+
+
+def _loss_sums(
+    params: Any,
+    batch: Batch,
+    model_cfg: network.TransformerConfig,
+    dropout_rng: jax.Array | None,
+    label_smoothing: float,
+    z_loss: float,
+    loss_chunk_tokens: int = 0,
+    teacher_logits: jax.Array | None = None,
+    distillation: Distillation | None = None,
+) -> dict[str, jax.Array]:
+    """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given.
+    ``loss_chunk_tokens`` > 0 fuses the output projection into the loss (``losses.projected_cross_entropy``);
+    ``teacher_logits`` with ``distillation`` give the distillation loss instead."""
+    outputs = _forward(model_cfg, params, batch, dropout_rng, return_hidden=loss_chunk_tokens > 0)
+    if teacher_logits is not None:
+        return losses.distillation_cross_entropy(
+            outputs,
+            teacher_logits,
+            batch["decoder_target_tokens"],
+            batch.get("decoder_loss_weights"),
+            temperature=distillation.temperature,
+            distill_weight=distillation.weight,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+        )
     if loss_chunk_tokens > 0:
         return losses.projected_cross_entropy(
             outputs,
@@ -236,6 +271,7 @@ def train_step(
     state: TrainState,
     batch: Batch,
     rng: jax.Array,
+    teacher_params: Any = None,
     *,
     model_cfg: network.TransformerConfig,
     optimizer: optax.GradientTransformation,
@@ -246,8 +282,12 @@ def train_step(
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
     loss_chunk_tokens: int = 0,
+    distillation: Distillation | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on ``batch``; returns the new state and scalar metrics.
+
+    With ``distillation`` the loss is the distillation loss against the teacher (``teacher_params``, run without
+    dropout on each microbatch inside this step); the student's logits are then computed whole.
 
     With ``skip_nonfinite``, an update whose loss or gradient is not finite is dropped (parameters and optimizer
     state unchanged, the step still counted) and metrics report ``skipped`` = 1.
@@ -261,14 +301,29 @@ def train_step(
     used for this update).
     """
     losses.normalize({"loss": 0.0, "z_loss": 0.0, "weight_sum": 1.0, "correct": 0.0}, normalization)  # validate
+    if (distillation is None) != (teacher_params is None):
+        raise ValueError("train_step: give both distillation and teacher_params, or neither")
     step_rng = jax.random.fold_in(rng, state.step)
     use_dropout = model_cfg.uses_dropout
 
     def sums_and_grads(params: Any, microbatch: Batch, index: jax.Array) -> tuple[dict[str, jax.Array], Any]:
         dropout_rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+        teacher_logits = None
+        if distillation is not None:
+            teacher_logits = jax.lax.stop_gradient(_forward(distillation.teacher_cfg, teacher_params, microbatch, None))
 
         def loss_sum(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            sums = _loss_sums(params, microbatch, model_cfg, dropout_rng, label_smoothing, z_loss, loss_chunk_tokens)
+            sums = _loss_sums(
+                params,
+                microbatch,
+                model_cfg,
+                dropout_rng,
+                label_smoothing,
+                z_loss,
+                0 if distillation is not None else loss_chunk_tokens,
+                teacher_logits,
+                distillation,
+            )
             return sums["loss"], sums
 
         (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
@@ -348,10 +403,14 @@ def compile_train_step(
     schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
     loss_chunk_tokens: int = 0,
+    distillation: Distillation | None = None,
+    teacher_params: Any = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``train_step`` jit-compiled for ``mesh``: the state sharded by ``state_shardings`` and donated (argument 0;
     do not reuse the state passed in), the batch by ``partitioning.batch_sharding``, the rng and the metrics
-    replicated. Call it inside ``partitioning.activate(mesh, rules)`` so the model's logical constraints apply."""
+    replicated. Call it inside ``partitioning.activate(mesh, rules)`` so the model's logical constraints apply.
+    With ``distillation``, ``teacher_params`` are placed by the teacher's parameter shardings and bound as the
+    step's last argument (an input of the program, not a constant folded into it)."""
     shardings = state_shardings(model_cfg, optimizer, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     step = functools.partial(
@@ -365,13 +424,36 @@ def compile_train_step(
         schedule=schedule,
         skip_nonfinite=skip_nonfinite,
         loss_chunk_tokens=loss_chunk_tokens,
+        distillation=distillation,
     )
-    return jax.jit(
+    in_shardings = (shardings, partitioning.batch_sharding(mesh, rules), replicated)
+    if distillation is None:
+        return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=(0,))
+    teacher_shardings = partitioning.param_shardings(distillation.teacher_cfg, mesh, rules)
+    jitted = jax.jit(
         step,
-        in_shardings=(shardings, partitioning.batch_sharding(mesh, rules), replicated),
+        in_shardings=(*in_shardings, teacher_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
+    return _WithTeacher(jitted, jax.device_put(teacher_params, teacher_shardings))
+
+
+class _WithTeacher:
+    """A jitted train step with the teacher's parameters bound as its last argument; ``lower(...).compile()``
+    gives a step with the same binding, as ``precompile_train_step`` expects."""
+
+    def __init__(self, function: Any, teacher_params: Any) -> None:
+        self.function, self.teacher_params = function, teacher_params
+
+    def __call__(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        return self.function(state, batch, rng, self.teacher_params)
+
+    def lower(self, state: Any, batch: Any, rng: Any) -> _WithTeacher:
+        return _WithTeacher(self.function.lower(state, batch, rng, self.teacher_params), self.teacher_params)
+
+    def compile(self) -> _WithTeacher:
+        return _WithTeacher(self.function.compile(), self.teacher_params)
 
 
 def compile_eval_step(
