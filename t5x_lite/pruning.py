@@ -135,28 +135,36 @@ def _check_prunable(cfg: TransformerConfig) -> None:
         raise ValueError(f"the model is quantized ({cfg.quantization}); prune its float source, then quantize")
 
 
-def prune_params(
-    params: Any, cfg: TransformerConfig, *, ffn_fraction: float, heads_fraction: float
-) -> tuple[Any, TransformerConfig]:
-    """The smaller model: parameters without the pruned units and heads, and its config."""
+def _rewrite_blocks(
+    params: Any,
+    cfg: TransformerConfig,
+    new_cfg: TransformerConfig,
+    block_fn,
+    ffn_fraction: float,
+    heads_fraction: float,
+) -> Any:
+    """``block_fn(block, kept indices)`` applied to every MLP and attention block, in the unscanned layout; the result
+    is returned in ``params``' layout (scanned by ``new_cfg`` when ``cfg`` scans a per-layer stack)."""
     _check_prunable(cfg)
     layered = cfg.scan_layers and not cfg.share_layers
     flat = network.unscan_params(params, cfg) if layered else params
     kept = select_kept(flat, cfg, ffn_fraction=ffn_fraction, heads_fraction=heads_fraction)
-    pruned = _map_blocks(flat, kept, _slice_block)
+    rewritten = _map_blocks(flat, kept, block_fn)
+    return network.scan_params(rewritten, new_cfg) if layered else rewritten
+
+
+def prune_params(
+    params: Any, cfg: TransformerConfig, *, ffn_fraction: float, heads_fraction: float
+) -> tuple[Any, TransformerConfig]:
+    """The smaller model: parameters without the pruned units and heads, and its config."""
     new_cfg = cfg.replace(
         d_ff=cfg.d_ff - pruned_count(cfg.d_ff, ffn_fraction, "FFN units"),
         num_heads=cfg.num_heads - pruned_count(cfg.num_heads, heads_fraction, "attention heads"),
         d_kv=cfg.head_dim,
     )
-    return (network.scan_params(pruned, new_cfg) if layered else pruned), new_cfg
+    return _rewrite_blocks(params, cfg, new_cfg, _slice_block, ffn_fraction, heads_fraction), new_cfg
 
 
 def zero_pruned(params: Any, cfg: TransformerConfig, *, ffn_fraction: float, heads_fraction: float) -> Any:
     """The same-shaped model with the units and heads that ``prune_params`` removes zeroed (computes the same)."""
-    _check_prunable(cfg)
-    layered = cfg.scan_layers and not cfg.share_layers
-    flat = network.unscan_params(params, cfg) if layered else params
-    kept = select_kept(flat, cfg, ffn_fraction=ffn_fraction, heads_fraction=heads_fraction)
-    zeroed = _map_blocks(flat, kept, _zero_block)
-    return network.scan_params(zeroed, cfg) if layered else zeroed
+    return _rewrite_blocks(params, cfg, cfg, _zero_block, ffn_fraction, heads_fraction)

@@ -119,3 +119,17 @@ def vocab(numbers, tmp_path_factory):
     from t5x_lite.data.tasks import task_vocabulary
 
     return task_vocabulary(numbers, cache_dir=str(tmp_path_factory.mktemp("vocab")))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """``(workdir, vocab_cache_dir)`` of ``tests/tiny_config.py`` trained 12 steps (scanned layers), shared read-only
+    by the tests that derive models from a trained workdir (quantize, prune, distill)."""
+    from t5x_lite import train
+    from tests import tiny_config
+
+    tmp_path = tmp_path_factory.mktemp("tiny_trained")
+    config = tiny_config.get_config("steps=12")
+    config.vocab_cache_dir = str(tmp_path / "vocab_cache")
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    return str(tmp_path / "run"), config.vocab_cache_dir

@@ -94,18 +94,8 @@ def test_precompiled_step_binds_the_teacher_like_the_jitted_one():
                            distillation=distillation)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("teacher")
-    config = tiny_config.get_config("steps=12")
-    config.vocab_cache_dir = str(tmp_path / "vocab_cache")
-    workdir = str(tmp_path / "teacher")
-    train.train_and_evaluate(config, workdir)
-    return workdir, config.vocab_cache_dir
-
-
-def test_student_trains_against_the_teacher(teacher, tmp_path):
-    workdir, vocab_cache = teacher
+def test_student_trains_against_the_teacher(tiny_trained, tmp_path):
+    workdir, vocab_cache = tiny_trained
     config = tiny_config.get_config("steps=3")
     config.vocab_cache_dir = vocab_cache
     config.model_overrides.update(d_ff=32, num_heads=1)  # a smaller student
@@ -125,8 +115,8 @@ def test_student_trains_against_the_teacher(teacher, tmp_path):
     assert plain[0]["train/loss"] != pytest.approx(logged[0]["train/loss"], rel=1e-3)
 
 
-def test_bad_teachers(teacher, tmp_path):
-    workdir, vocab_cache = teacher
+def test_bad_teachers(tiny_trained, tmp_path):
+    workdir, vocab_cache = tiny_trained
     config = tiny_config.get_config("steps=2")
     config.vocab_cache_dir = vocab_cache
     config.distill_teacher = str(tmp_path / "missing")

@@ -84,18 +84,8 @@ def test_bad_fractions_and_models():
     assert pruning.pruned_count(2048, 0.5, "units") == 1024
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("prune")
-    config = tiny_config.get_config("steps=12")
-    config.vocab_cache_dir = str(tmp_path / "vocab_cache")
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    return workdir, config
-
-
-def test_prune_command_then_evaluate_and_fine_tune(trained, tmp_path):
-    workdir, config = trained
+def test_prune_command_then_evaluate_and_fine_tune(tiny_trained, tmp_path):
+    workdir, _ = tiny_trained
     out = tmp_path / "pruned"
     command = [sys.executable, "-m", "t5x_lite.prune", "--workdir", workdir, "--out", str(out), "--ffn_fraction", "0.5"]
     options = dict(capture_output=True, text=True, cwd=REPO_ROOT, env=cpu_subprocess_env(), timeout=600)

@@ -111,14 +111,9 @@ def test_bad_configs():
 
 
 # ------------------------------------------------------------------------------------------- quantized workdirs
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("quantize")
-    config = tiny_config.get_config("steps=12")  # scanned layers: quantize stores the unscanned layout
-    config.vocab_cache_dir = str(tmp_path / "vocab_cache")
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    return workdir
+@pytest.fixture
+def trained(tiny_trained):
+    return tiny_trained[0]  # scanned layers: quantize stores the unscanned layout
 
 
 def test_quantized_workdir_round_trips_and_evaluates(trained, tmp_path):
