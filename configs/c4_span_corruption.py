@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import check_choice, default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, model_overrides, parse_options
 
 SIZES = ("small", "base", "large", "xl", "xxl")
 OPTIONS = {
@@ -58,14 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat = "full" if size in ("xl", "xxl") else "none"
     # T5 v1.1: no dropout in pre-training; bfloat16 activations, float32 parameters (as T5X); layers scanned so
     # compile time does not grow with depth.
-    config.model_overrides = ml_collections.ConfigDict(
-        {
-            "dropout_rate": 0.0,
-            "dtype": "bfloat16",
-            "scan_layers": True,
-            "remat_policy": remat,
-        }
-    )
+    config.model_overrides = model_overrides(dropout_rate=0.0, dtype="bfloat16", scan_layers=True, remat_policy=remat)
 
     config.num_train_steps = options["steps"]
     config.batch_size = options["batch_size"]

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import default_train_config, parse_options
+from t5x_lite.config_files import default_train_config, model_overrides, parse_options
 
 OPTIONS = {"steps": 9500, "cooldown": 3800, "batch_tokens": 4096, "seed": 1, "eval_every": 1000, "patience": 0}
 
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = options["seed"]
     config.task = "multi30k_ende_tok"
     config.model = "transformer_tiny"  # 4+4 layers, d_model 128, dropout 0.3 on residuals, shared embeddings
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.3, "dropout_generator": "hash"})
+    config.model_overrides = model_overrides(dropout_rate=0.3, dropout_generator="hash")
 
     config.pack = False
     config.batch_tokens = options["batch_tokens"]

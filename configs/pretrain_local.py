@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import default_train_config, parse_options
+from t5x_lite.config_files import default_train_config, model_overrides, parse_options
 
 OPTIONS = {"steps": 2400, "batch_size": 32, "seed": 0, "eval_every": 600}
 
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vocab_task = "local_pretrain"
 
     config.model = "t5_v1_1_mini"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})  # T5 v1.1 pre-trains without dropout
+    config.model_overrides = model_overrides(dropout_rate=0.0)  # T5 v1.1 pre-trains without dropout
     config.pack = True
     config.batch_size = options["batch_size"]
 

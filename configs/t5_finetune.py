@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import check_choice, default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, model_overrides, parse_options
 from t5x_lite.data.tasks import TaskRegistry
 
 SIZES = ("small", "base", "large", "xl", "xxl")
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = task.name
     config.init_from = options["init_from"]
     config.model = f"t5_v1_1_{size}"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1})
+    config.model_overrides = model_overrides(dropout_rate=0.1)
     config.partitioning = "fsdp" if size in ("xl", "xxl") else "data_parallel"
     config.pack = True
     config.batch_size = options["batch_size"]

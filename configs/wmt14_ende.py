@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from t5x_lite.config_files import check_choice, default_train_config, parse_options
+from t5x_lite.config_files import check_choice, default_train_config, model_overrides, parse_options
 
 SIZES = {"base": 100_000, "big": 300_000}  # size -> the paper's number of steps
 OPTIONS = {"size": "base", "steps": 0, "batch_tokens": 25_000, "seed": 0, "eval_every": 5000, "checkpoint_every": 1000}
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = options["seed"]
     config.task = "wmt14_ende"
     config.model = f"transformer_{size}"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1 if size == "base" else 0.3})
+    config.model_overrides = model_overrides(dropout_rate=0.1 if size == "base" else 0.3)
 
     config.pack = False
     config.batch_tokens = options["batch_tokens"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from t5x_lite import flops, network, optimizers, partitioning, tpu_topology, trainer  # noqa: E402
+from t5x_lite import config_files, flops, network, optimizers, partitioning, tpu_topology, trainer  # noqa: E402
 from t5x_lite.presets import get_model_config  # noqa: E402
 from t5x_lite.tpu_topology import GiB, Topology, parse_topology, quiet_stderr, topology_devices  # noqa: E402
 
@@ -91,7 +91,7 @@ def model_config(config: Any) -> network.TransformerConfig:
     sentinels, padded to a multiple of 128 as ``train.py`` does) unless ``model_overrides.vocab_size`` is set."""
     from t5x_lite.data.tasks import TaskRegistry
 
-    overrides = dict(config.model_overrides)
+    overrides = config_files.given_model_overrides(config)
     if "vocab_size" not in overrides:
         task = TaskRegistry.get(config.task)
         first = task.tasks()[0] if hasattr(task, "tasks") else task

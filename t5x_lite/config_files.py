@@ -9,15 +9,18 @@ once per point of a sweep; a key is one of the file's ``OPTIONS`` or a dotted co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
 import os
 import sys
+import typing
 from types import ModuleType
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def parse_options(arg: str | None, defaults: dict[str, Any], config_file: str) -> dict[str, Any]:
@@ -53,6 +56,32 @@ def _typed(value: str, default: Any, what: str) -> Any:
         raise ValueError(f"{what}={value!r} is not a {type(default).__name__}") from None
 
 
+def model_overrides(**given: Any) -> ml_collections.ConfigDict:
+    """``config.model_overrides``: the ``given`` TransformerConfig fields, and every other field as an unset
+    placeholder, so that ``--config.model_overrides.FIELD=V`` can set any field (ml_collections refuses a key
+    that a config does not have). Unset fields keep the model preset's value (``given_model_overrides``)."""
+    from t5x_lite.network import TransformerConfig
+
+    fields = {field.name: field for field in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"model_overrides: {unknown} are not TransformerConfig fields; known: {sorted(fields)}")
+    hints = typing.get_type_hints(TransformerConfig)
+    values: dict[str, Any] = {}
+    for name in fields:
+        if name in given:
+            values[name] = given[name]
+        else:  # `int | None` -> int: the type a command-line value is parsed as
+            kinds = [kind for kind in typing.get_args(hints[name]) if kind is not type(None)] or [hints[name]]
+            values[name] = placeholder(kinds[0])
+    return ml_collections.ConfigDict(values)
+
+
+def given_model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of ``config.model_overrides`` that are set (placeholders left unset are not overrides)."""
+    return {key: value for key, value in config.model_overrides.items() if value is not None}
+
+
 def default_train_config() -> ml_collections.ConfigDict:
     """Every key ``t5x_lite.train`` reads, with defaults; experiment configs override what they change."""
     config = ml_collections.ConfigDict()
@@ -71,7 +100,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.bucket_row_multiple = 8  # rows of every bucketed batch are a multiple of this (and of the batch shards)
 
     config.model = "t5_tiny"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.0})
+    config.model_overrides = model_overrides(dropout_rate=0.0)
 
     config.num_train_steps = 600
     config.batch_size = 64
@@ -168,7 +197,7 @@ def local_finetune_config(
     config.vocab_task = "local_pretrain"
     config.init_from = "" if options["scratch"] else options["pretrained"]
     config.model = "t5_v1_1_mini"
-    config.model_overrides = ml_collections.ConfigDict({"dropout_rate": 0.1})
+    config.model_overrides = model_overrides(dropout_rate=0.1)
     config.pack = False
     config.batch_tokens = options["batch_tokens"]
     config.bucket_boundaries = tuple(bucket_boundaries)

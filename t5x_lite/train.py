@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from t5x_lite import (
     checkpoints,
     compile_cache,
+    config_files,
     fileio,
     flops,
     losses,
@@ -119,7 +120,7 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
 
 def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
     padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
-    return get_model_config(config.model, vocab_size=padded_vocab, **dict(config.model_overrides))
+    return get_model_config(config.model, vocab_size=padded_vocab, **config_files.given_model_overrides(config))
 
 
 def _eval_task(config, task: Task | Mixture) -> Task:

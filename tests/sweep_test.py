@@ -111,8 +111,11 @@ def test_load_config_applies_overrides_and_rejects_unknown_keys():
     assert (config.num_train_steps, config.learning_rate, config.model_overrides.dropout_rate) == (7, 0.5, 0.2)
     with pytest.raises(KeyError, match="unknown config key 'lerning_rate'"):
         config_files.load_config(demo, {"lerning_rate": 1.0})
-    with pytest.raises(KeyError, match="unknown config key 'model_overrides.num_heads'"):
-        config_files.load_config(demo, {"model_overrides.num_heads": 2})  # the train command's flags refuse it too
+    with pytest.raises(KeyError, match="unknown config key 'model_overrides.num_headz'"):
+        config_files.load_config(demo, {"model_overrides.num_headz": 2})  # the train command's flags refuse it too
+    # any TransformerConfig field is a key, set or not (model_overrides() holds unset placeholders)
+    config = config_files.load_config(demo, {"model_overrides.num_heads": 2, "model_overrides.d_kv": 8})
+    assert config_files.given_model_overrides(config) == {"dropout_rate": 0.0, "num_heads": 2, "d_kv": 8}
     with pytest.raises(ValueError, match="unknown option 'stepz'; known: steps, batch_size"):
         config_files.load_config(demo + ":stepz=3")
     with pytest.raises(FileNotFoundError, match="does not exist"):

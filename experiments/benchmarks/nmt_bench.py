@@ -246,7 +246,7 @@ def ablation_config(seed: int, placement=False, bucketed=False, fused=False, has
     config = config_files.load_config(f"{MULTI30K}:seed={seed}")
     overrides = {"dropout_rate": 0.3, "dropout_generator": "hash" if hash else "threefry"}
     if not placement:  # T5's placement: dropout on attention weights and MLP activations too
-        overrides.update(attention_dropout_rate=None, activation_dropout_rate=None)
+        overrides.update(attention_dropout_rate=0.3, activation_dropout_rate=0.3)
     config.model_overrides = overrides
     if not bucketed:  # the earlier config: packed rows of 64 tokens, 128 a batch, the prefixed raw-text task
         config.task, config.pack, config.batch_tokens, config.batch_size = "multi30k_ende", True, 0, 128
