@@ -43,6 +43,7 @@ setup(
             "matplotlib>=3.7",  # learning curves and sweep curves
             "gcsfs>=2024.2",  # gs:// workdirs, tested against a local GCS emulator
             "gcp-storage-emulator>=2024.8",
+            "pytest-rerunfailures>=14",  # reruns the emulator test on the emulator's own sporadic write error
         ],
         "tf": ["tensorflow-cpu"],
         "tpu": ["jax[tpu]"],

@@ -81,9 +81,13 @@ def test_vocabulary_round_trips_through_a_bucket(bucket, tmp_path):
     assert Vocabulary.load(f"{bucket}/vocab_test") == vocab
 
 
+# The emulator now and then answers TensorStore's conditional write of OCDBT's manifest with a generation that
+# TensorStore refuses ("Malformed StorageGeneration"; seen once in about five CI runs, never on the same step); Cloud
+# Storage itself does not. Only that error reruns the test, in a fresh bucket folder; any other failure fails it.
+@pytest.mark.flaky(reruns=2, only_rerun=["Malformed StorageGeneration"])
 def test_training_in_a_bucket_resumes_and_equals_training_on_disk(bucket, tmp_path):
     local = str(tmp_path / "local")
-    remote = f"{bucket}/run"
+    remote = f"{bucket}/{tmp_path.name}/run"  # a fresh folder per attempt: a rerun never resumes a failed one
     train.train_and_evaluate(_config(tmp_path, 12), local)
     train.train_and_evaluate(_config(tmp_path, 6), remote)  # stops at step 6, as if preempted after saving
     final = train.train_and_evaluate(_config(tmp_path, 12), remote)  # resumes from the bucket's checkpoint
