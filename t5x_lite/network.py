@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import layers, quantization
+from t5x_lite import layers, lora, quantization
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
@@ -79,6 +79,10 @@ class TransformerConfig:
     # int8_dynamic, fp8); the parameters are then Qwix-quantized trees, and ``build_model`` wraps the network.
     quantization: str = ""
     quantize_embeddings: bool = True  # False keeps the token table / output projection in float
+    # LoRA (t5x_lite.lora): rank > 0 adds Qwix low-rank adapters (scaled by alpha / rank; None: alpha = rank) to
+    # every attention and MLP weight; training then updates the adapters only.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -136,6 +140,12 @@ class TransformerConfig:
             fail("share_layers", "needs scan_layers=True (the shared layer is applied by nn.scan)")
         if self.quantization and self.scan_layers:
             fail("quantization", "is not supported with scan_layers=True; quantize the unscanned layout")
+        try:
+            lora.check(self.lora_rank, self.lora_alpha)
+        except ValueError as error:
+            fail("lora_rank", str(error))
+        if self.lora_rank and (self.scan_layers or self.quantization):
+            fail("lora_rank", "adapters need the unscanned float model (scan_layers=False, quantization='')")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -715,8 +725,10 @@ class Transformer(nn.Module):
 
 def build_model(cfg: TransformerConfig) -> nn.Module:
     """The network of ``cfg``: the Transformer, or with ``cfg.quantization`` its Qwix-quantized twin (same
-    methods, same parameter paths, quantized weights)."""
+    methods, same parameter paths, quantized weights), or with ``cfg.lora_rank`` its twin with LoRA adapters."""
     model = Transformer(cfg)
+    if cfg.lora_rank:
+        return lora.wrap(model, cfg.lora_rank, cfg.lora_alpha)
     return quantization.wrap(model, cfg.quantization, cfg.quantize_embeddings) if cfg.quantization else model
 
 
@@ -732,7 +744,10 @@ def _dummy_inputs(batch: int = 1, input_length: int = 8, target_length: int = 8)
 def init_variables(cfg: TransformerConfig, rng: jax.Array, encoder_tokens: jax.Array, decoder_tokens: jax.Array):
     """``Transformer(cfg).init`` on dummy tokens. The parameters do not depend on the attention kernel, so the init
     traces the einsum path: shapes and initial values then come out on any backend, a cuDNN config's on a CPU too."""
-    return Transformer(cfg.replace(attention_kernel="einsum")).init(rng, encoder_tokens, decoder_tokens)
+    model = Transformer(cfg.replace(attention_kernel="einsum"))
+    if cfg.lora_rank:  # the adapters are created by Qwix's interception, on the wrapped model's first call
+        model = lora.wrap(model, cfg.lora_rank, cfg.lora_alpha)
+    return model.init(rng, encoder_tokens, decoder_tokens)
 
 
 def initializer(cfg: TransformerConfig, encoder_tokens: jax.Array, decoder_tokens: jax.Array):
@@ -743,7 +758,7 @@ def initializer(cfg: TransformerConfig, encoder_tokens: jax.Array, decoder_token
     embeddings, norms and position tables keep their values, and the layers draw from one stacked key per parameter
     instead of one key each, so XLA compiles one layer's random initializers instead of one copy per layer.
     """
-    if cfg.init_through_scan and not cfg.scan_layers:
+    if cfg.init_through_scan and not cfg.scan_layers and not cfg.lora_rank:
         twin = cfg.replace(scan_layers=True)
         return lambda rng: unscan_params(
             nn.meta.unbox(init_variables(twin, rng, encoder_tokens, decoder_tokens)["params"]), cfg

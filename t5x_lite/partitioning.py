@@ -192,8 +192,14 @@ def init_params_sharded(
     encoder_tokens = jnp.ones((batch, input_length), jnp.int32)
     decoder_tokens = jnp.ones((batch, target_length), jnp.int32)
 
+    init = jax.jit(network.initializer(cfg, encoder_tokens, decoder_tokens), out_shardings=shardings)
+    if cfg.lora_rank:
+        # Qwix re-boxes each new adapter by unboxing the weight's box, which under a global mesh constrains the
+        # 2-D adapter to the weight's 3-D sharding and fails. out_shardings places every parameter all the same.
+        with nn.logical_axis_rules(rules):
+            return init(rng)
     with activate(mesh, rules):
-        return jax.jit(network.initializer(cfg, encoder_tokens, decoder_tokens), out_shardings=shardings)(rng)
+        return init(rng)
 
 
 def _mesh_axes(rules: Rules, logical_name: str) -> tuple[str, ...]:

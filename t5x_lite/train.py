@@ -30,6 +30,7 @@ from t5x_lite import (
     config_files,
     fileio,
     flops,
+    lora,
     losses,
     metrics,
     models,
@@ -225,6 +226,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     row_multiple = math.lcm(config.get("bucket_row_multiple", 8), partitioning.batch_shards(mesh, rules))
     partitioning.validate(model_cfg, mesh, row_multiple if batch_tokens else config.batch_size, rules)
     optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
+    if model_cfg.lora_rank:  # LoRA: the adapters train, the base weights stay as loaded and hold no optimizer state
+        optimizer = lora.adapters_only(optimizer)
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
     distillation, teacher_params = _teacher(config, vocab, is_chief)
@@ -288,7 +291,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         state = trainer.create_train_state(model_cfg, optimizer, jax.random.key(config.seed), mesh, rules)
         if config.init_from:
             params = checkpoints.load_params(config.init_from)
-            network.check_params_match(model_cfg, params, source=f"the checkpoint in {config.init_from}")
+            source = f"the checkpoint in {config.init_from}"
+            if model_cfg.lora_rank and not lora.holds_adapters(params):  # a base model: adapters start fresh
+                network.check_params_match(model_cfg.replace(lora_rank=0), params, source=source)
+                params = lora.insert_base(state.params, params)
+            network.check_params_match(model_cfg, params, source=source)
             state = state.replace(params=jax.device_put(params, shardings.params))
         iterator = iter(train_data)
     start_step = int(state.step)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5x_lite import adafactor, losses, network, partitioning
+from t5x_lite import adafactor, lora, losses, network, partitioning
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -313,6 +313,8 @@ def train_step(
             teacher_logits = jax.lax.stop_gradient(_forward(distillation.teacher_cfg, teacher_params, microbatch, None))
 
         def loss_sum(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            if model_cfg.lora_rank:  # adapters only: no gradient (and no weight-gradient matmuls) for the base
+                params = lora.freeze_base(params)
             sums = _loss_sums(
                 params,
                 microbatch,

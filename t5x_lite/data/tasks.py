@@ -309,6 +309,26 @@ def _register_builtin_tasks() -> None:
             target_format="moses_lc_tok",
             description=f"Multi30k {src}->{tgt} on the official lowercased tokenized files (tok/), no prefix",
         )
+    for src, tgt in (("en", "fr"), ("en", "cs")):
+        # The same setting for the pairs that tok/ lacks (transfer tasks of an En->De model, docs/compression.md):
+        # the raw files lowercased, punctuation-normalized and Moses-tokenized on reading, as tok/ was made.
+        TaskRegistry.add(
+            f"multi30k_{src}{tgt}_tok",
+            splits={
+                "train": ("multi30k", "train"),
+                "validation": ("multi30k", "val"),
+                "test_2016_flickr": ("multi30k", "test_2016_flickr"),
+            }
+            | ({"test_2017_flickr": ("multi30k", "test_2017_flickr")} if tgt == "fr" else {}),
+            source_options={"src_lang": src, "tgt_lang": tgt, "text": "lc_tok"},
+            metrics=("tok_bleu",),
+            lengths={"inputs": 64, "targets": 64},
+            vocab_size=8000,
+            vocab_model_type="bpe",
+            extra_ids=0,
+            target_format="moses_lc_tok",
+            description=f"Multi30k {src}->{tgt}, raw text lowercased and Moses-tokenized on reading, no prefix",
+        )
     for src, tgt in (("en", "de"), ("de", "en")):
         TaskRegistry.add(
             f"wmt14_{src}{tgt}",

@@ -1,0 +1,150 @@
+"""LoRA fine-tuning through Qwix: low-rank adapters on every attention and MLP matmul, the base weights frozen.
+
+Qwix's ``LoraProvider`` intercepts each ``dot_general`` on a weight ``W`` (shape ``[in..., out...]``) and adds
+``x @ A @ B * alpha / rank``, with ``A`` (``[prod(in), rank]``, He-uniform) and ``B`` (``[rank, prod(out)]``,
+zeros) created next to ``W`` as ``kernel_lora_a`` / ``kernel_lora_b``. B starts at zero, so a fresh adapter leaves
+the base model's outputs unchanged. Token embeddings and the (tied) output projection keep no adapter.
+
+Training (``TransformerConfig.lora_rank > 0``) updates the adapters only: the train step stops the gradient of
+every base weight (XLA then drops their weight-gradient matmuls) and ``adapters_only`` gives the optimizer no state
+for them. ``merge`` folds trained adapters into the weights: a plain model of the base shape (``python -m
+t5x_lite.lora_merge``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import qwix
+from qwix._src.providers.lora import LoraRule  # the rule type LoraProvider matches; not re-exported by qwix
+
+ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+# Module paths that keep no adapter: the token table (shared, or per stack) and an untied output projection.
+NO_ADAPTER_MODULES = r"(.*/)?(token_embedder|logits_dense)"
+METHODS = ("__call__", "encode", "decode")
+
+
+def check(rank: int, alpha: float | None) -> None:
+    """ValueError unless ``rank`` is a non-negative int and ``alpha`` (None: ``rank``) positive."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"lora_rank={rank!r} must be a non-negative integer (0: no adapters)")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"lora_alpha={alpha!r} must be positive (the adapters' output is scaled by alpha / rank)")
+
+
+def wrap(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
+    """``model`` with rank-``rank`` adapters on its attention and MLP weights (scale ``alpha / rank``)."""
+    check(rank, alpha)
+    provider = qwix.LoraProvider(
+        [
+            qwix.QuantizationRule(module_path=NO_ADAPTER_MODULES),  # the first matching rule wins: no adapter here
+            LoraRule(module_path=".*", rank=rank, alpha=float(alpha or rank)),
+        ]
+    )
+    return qwix.apply_lora_to_model(model, provider, methods=METHODS)
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return str(getattr(path[-1], "key", path[-1])) if path else ""
+
+
+def is_adapter(path: tuple[Any, ...]) -> bool:
+    """Whether the parameter at ``path`` (a tree path) is a LoRA factor."""
+    return _name(path).endswith(ADAPTER_SUFFIXES)
+
+
+def labels(params: Any) -> Any:
+    """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
+
+
+def freeze_base(params: Any) -> Any:
+    """``params`` with the gradient of every base weight stopped: only the adapters get one."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf if is_adapter(path) else jax.lax.stop_gradient(leaf), params
+    )
+
+
+def adapters_only(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` on the adapters; the base weights never move and hold no optimizer state."""
+    return optax.multi_transform({"adapter": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def holds_adapters(params: Any) -> bool:
+    """Whether a parameter tree holds LoRA factors (a LoRA run's checkpoint, not a base model's)."""
+    return any(is_adapter(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def count_adapter_params(params: Any) -> int:
+    """Number of trainable (adapter) parameters in ``params``."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return int(sum(np.size(leaf) for path, leaf in flat if is_adapter(path)))
+
+
+def insert_base(params: Any, base: Mapping[str, Any]) -> Any:
+    """``params`` (a LoRA model's tree) with every base weight taken from ``base`` (the model without adapters,
+    e.g. an ``init_from`` checkpoint); the adapters keep their initial values. ValueError on a missing weight."""
+
+    def take(path: tuple[Any, ...], leaf: Any) -> Any:
+        if is_adapter(path):
+            return leaf
+        value = base
+        for key in path:
+            key = getattr(key, "key", key)
+            if not isinstance(value, Mapping) or key not in value:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(f"the base checkpoint has no parameter {name!r}: written for another model?")
+            value = value[key]
+        return jnp.asarray(value, leaf.dtype) if hasattr(leaf, "dtype") else value
+
+    return jax.tree_util.tree_map_with_path(take, params)
+
+
+def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> dict[str, Any]:
+    """The plain parameters that ``params`` (a LoRA model's) compute: every ``W`` becomes
+    ``W + reshape(A @ B) * alpha / rank`` and the adapters are dropped. ValueError on factors that do not fit."""
+    check(rank, alpha)
+    scale = float(alpha or rank) / rank
+
+    def fold(node: Mapping[str, Any], where: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key.endswith(ADAPTER_SUFFIXES):
+                continue
+            if isinstance(value, Mapping):
+                out[key] = fold(value, f"{where}{key}/")
+                continue
+            a, b = node.get(key + "_lora_a"), node.get(key + "_lora_b")
+            if a is None and b is None:
+                out[key] = value
+                continue
+            weight = jnp.asarray(value)
+            if a is None or b is None or np.ndim(a) != 2 or np.ndim(b) != 2 or a.shape[1] != b.shape[0]:
+                raise ValueError(f"{where}{key}: incomplete adapter (needs lora_a [in, rank] and lora_b [rank, out])")
+            lead = _split(weight.shape, a.shape[0])
+            if lead < 0 or int(np.prod(weight.shape[lead:])) != b.shape[1]:
+                raise ValueError(
+                    f"{where}{key}: adapter factors {list(a.shape)} x {list(b.shape)} do not fit the weight "
+                    f"{list(weight.shape)}"
+                )
+            delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * scale
+            out[key] = (weight.astype(jnp.float32) + delta.reshape(weight.shape)).astype(weight.dtype)
+        return out
+
+    return fold(params, "")
+
+
+def _split(shape: tuple[int, ...], rows: int) -> int:
+    """How many leading dims of ``shape`` multiply to ``rows`` (the weight's contracted, input dims)."""
+    product = 1
+    for index, size in enumerate(shape):
+        if product == rows:
+            return index
+        product *= size
+    return len(shape) if product == rows else -1
