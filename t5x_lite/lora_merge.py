@@ -17,7 +17,9 @@ from t5x_lite import derived_workdir, fileio, lora
 from t5x_lite.evaluation import load_workdir
 
 
-def merge_workdir(workdir: str, out: str, *, checkpoint_step: int | None = None, average_last: int = 0) -> dict[str, Any]:
+def merge_workdir(
+    workdir: str, out: str, *, checkpoint_step: int | None = None, average_last: int = 0
+) -> dict[str, Any]:
     """Merge ``workdir``'s adapters into the new workdir ``out``; returns what ``lora_merge.json`` records."""
     derived_workdir.check_target(workdir, out, "merge")
     loaded = load_workdir(workdir, checkpoint_step=checkpoint_step, average_last=average_last)
