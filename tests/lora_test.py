@@ -1,0 +1,166 @@
+"""LoRA through Qwix: zero-init adapters leave the model unchanged, merging reproduces the adapted model, training
+moves the adapters only (no optimizer state for the base), init_from fills the base, bad settings fail early."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5x_lite import checkpoints, lora, lora_merge, metrics, network, train, trainer
+from tests import tiny_config
+from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL
+
+BASE = network.TransformerConfig(
+    vocab_size=64, d_model=16, num_heads=2, d_ff=24, num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0,
+    **CLASSIC_POST_LN_SINUSOIDAL,
+)  # fmt: skip
+
+
+def _tokens(seed: int, shape=(2, 6)):
+    return jax.random.randint(jax.random.key(seed), shape, 2, BASE.vocab_size)
+
+
+def _with_random_adapters(params, scale: float = 0.3):
+    """Adapters drawn at random (B nonzero), so that the adapted model differs from the base."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = iter(jax.random.split(jax.random.key(11), len(leaves)))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: scale * jax.random.normal(next(keys), leaf.shape) if lora.is_adapter(path) else leaf,
+        params,
+    )
+
+
+def test_zero_init_adapters_equal_the_base_model_and_merging_equals_the_adapted_one(random_params):
+    base = random_params(BASE)
+    adapted_cfg = BASE.replace(lora_rank=3, lora_alpha=6.0)
+    fresh = lora.insert_base(network.init_params(adapted_cfg, jax.random.key(0)), base)
+    encoder, decoder = _tokens(1), _tokens(2)
+    expected = network.build_model(BASE).apply({"params": base}, encoder, decoder)
+    got = network.build_model(adapted_cfg).apply({"params": fresh}, encoder, decoder)
+    np.testing.assert_array_equal(got, expected)  # B = 0: exactly the base model
+    # One adapter pair per attention projection and MLP matrix; none on the token table.
+    names = ["/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(fresh)[0]]
+    adapted = sorted({name.rsplit("_lora_", 1)[0] for name in names if "_lora_" in name})
+    assert len(adapted) == 4 + 8 + 2 * 2 and not any("embed" in name for name in adapted)
+    assert lora.count_adapter_params(fresh) == 3 * sum(
+        shape for shape in (16 + 16,) * 12 + (16 + 24,) * 4
+    )  # rank x (in + out) for 12 attention and 4 MLP matrices
+
+    trained = _with_random_adapters(fresh)
+    adapted_out = network.build_model(adapted_cfg).apply({"params": trained}, encoder, decoder)
+    assert float(jnp.max(jnp.abs(adapted_out - expected))) > 1e-2
+    merged = lora.merge(trained, adapted_cfg.lora_rank, adapted_cfg.lora_alpha)
+    network.check_params_match(BASE, merged)
+    merged_out = network.build_model(BASE).apply({"params": merged}, encoder, decoder)
+    np.testing.assert_allclose(merged_out, adapted_out, atol=2e-5, rtol=2e-5)
+
+
+def test_a_train_step_moves_the_adapters_only_and_keeps_no_state_for_the_base(random_params):
+    cfg = BASE.replace(lora_rank=2)
+    params = _with_random_adapters(lora.insert_base(network.init_params(cfg, jax.random.key(0)), random_params(BASE)))
+    optimizer = lora.adapters_only(optax.adam(1e-2))
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    adam_numbers = sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf))
+    assert adam_numbers == 2 * lora.count_adapter_params(params)  # mu and nu of the adapters, nothing else
+    tokens = _tokens(3, (4, 6))
+    batch = {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": tokens,
+        "decoder_loss_weights": jnp.ones((4, 6), jnp.float32),
+    }
+    new, step_metrics = trainer.train_step(state, batch, jax.random.key(0), model_cfg=cfg, optimizer=optimizer)
+    assert np.isfinite(float(step_metrics["loss"]))
+    changed = {
+        jax.tree_util.keystr(path): not np.array_equal(before, after)
+        for (path, before), after in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new.params), strict=True
+        )
+    }
+    assert all(moved == ("_lora_" in name) for name, moved in changed.items())
+
+
+def _unscanned(steps: int, tmp_path):
+    config = tiny_config.get_config(f"steps={steps}")
+    config.vocab_cache_dir = str(tmp_path / "vocab_cache")
+    config.model_overrides.scan_layers = False
+    config.eval_every_steps = steps
+    return config
+
+
+def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path):
+    base_dir, lora_dir, merged_dir = (str(tmp_path / name) for name in ("base", "lora", "merged"))
+    train.train_and_evaluate(_unscanned(6, tmp_path), base_dir)
+    config = _unscanned(6, tmp_path)
+    config.init_from = base_dir
+    config.model_overrides.lora_rank = 2
+    config.learning_rate = 3e-2
+    config.log_every_steps = 1
+    train.train_and_evaluate(config, lora_dir)
+    base, tuned = checkpoints.load_params(base_dir), checkpoints.load_params(lora_dir)
+    for path, value in jax.tree_util.tree_flatten_with_path(tuned)[0]:
+        if lora.is_adapter(path):
+            continue
+        reference = base
+        for key in path:
+            reference = reference[key.key]
+        np.testing.assert_array_equal(value, reference)  # the base weights never moved
+    assert lora.holds_adapters(tuned)
+    losses = [row["train/loss"] for row in metrics.read_metrics(lora_dir) if "train/loss" in row]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+    record = lora_merge.merge_workdir(lora_dir, merged_dir)
+    assert record["lora_rank"] == 2 and record["adapter_params"] == lora.count_adapter_params(tuned)
+    merged = checkpoints.load_params(merged_dir)
+    assert not lora.holds_adapters(merged)
+    # Resuming the LoRA run is a normal resume: its checkpoint holds base and adapters.
+    config.num_train_steps = 7
+    train.train_and_evaluate(config, lora_dir)
+    assert [row["step"] for row in metrics.read_metrics(lora_dir) if "train/loss" in row][-1] == 7
+
+    assert lora_merge.main(["--workdir", base_dir, "--out", str(tmp_path / "x")]) == 2  # not a LoRA run
+    assert lora_merge.main(["--workdir", lora_dir, "--out", lora_dir]) == 2  # into itself
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(lora_rank=-1), "lora_rank=-1 must be a non-negative integer"),
+        (dict(lora_rank=2, lora_alpha=0.0), "lora_alpha=0.0 must be positive"),
+        (dict(lora_rank=2, scan_layers=True), "adapters need the unscanned float model"),
+        (dict(lora_rank=2, quantization="int8"), "adapters need the unscanned float model"),
+    ],
+)
+def test_bad_lora_settings(changes, message):
+    with pytest.raises(ValueError, match=message):
+        BASE.replace(**changes)
+
+
+def test_merge_refuses_factors_that_do_not_fit():
+    params = {
+        "mlp": {
+            "wi": {"kernel": np.zeros((4, 6)), "kernel_lora_a": np.zeros((5, 2)), "kernel_lora_b": np.zeros((2, 6))}
+        }
+    }
+    with pytest.raises(ValueError, match=r"mlp/wi/kernel: adapter factors \[5, 2\] x \[2, 6\] do not fit"):
+        lora.merge(params, 2)
+    del params["mlp"]["wi"]["kernel_lora_b"]
+    with pytest.raises(ValueError, match="incomplete adapter"):
+        lora.merge(params, 2)
+
+
+def test_french_transfer_task_reads_like_the_tok_files(shared_data):
+    from t5x_lite.data.tasks import TaskRegistry
+
+    french = TaskRegistry.get("multi30k_enfr_tok").get_source("validation", data_dir=str(shared_data))
+    english = TaskRegistry.get("multi30k_ende_tok").get_source("validation", data_dir=str(shared_data))
+    records = [french[i] for i in range(200)]
+    # The English side equals the official tok/ file (lowercased, normalized, Moses-tokenized) line by line.
+    assert [r["inputs"] for r in records] == [english[i]["inputs"] for i in range(200)]
+    for record in records:
+        assert record["tok_references"] == [record["targets"]] and record["targets"] == record["targets"].lower()
+    assert any(" ." in r["targets"] or "&apos;" in r["targets"] for r in records)  # tokenized French
+    assert any(r["references"][0] != r["targets"] for r in records)  # sacreBLEU scores against the raw line
