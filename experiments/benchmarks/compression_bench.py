@@ -30,8 +30,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-from t5x_lite import models, quantization, quantize  # noqa: E402
+from t5x_lite import lora, models, optimizers, partitioning, quantization, quantize, trainer  # noqa: E402
 from t5x_lite.checkpoints import Checkpointer  # noqa: E402
 from t5x_lite.evaluation import LoadedModel, evaluate_loaded, load_workdir  # noqa: E402
 
@@ -49,6 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_examples", type=int, default=0)
     parser.add_argument("--extra", action="append", default=[], help="NAME=WORKDIR[:AVERAGE_LAST], repeatable")
+    parser.add_argument(
+        "--transfer",
+        action="append",
+        default=[],
+        help="NAME=WORKDIR[:AVERAGE_LAST] of a fine-tuning run on another task (full or LoRA): its own table",
+    )
+    parser.add_argument("--step_rows", type=int, default=128, help="rows of the timed train-step batch")
+    parser.add_argument("--step_length", type=int, default=32, help="tokens per row (inputs and targets)")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per model (after 2 warm-up)")
     return parser.parse_args(argv)
 
 
@@ -75,6 +86,52 @@ def count_parameters(stored) -> int:
     return int(stored.size)
 
 
+def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
+    """Trainable parameters, optimizer-state bytes and the mean time of a train step of the model with its run's
+    optimizer on a fixed ``step_rows`` x ``step_length`` batch (a distillation run's teacher not included)."""
+    cfg, config = loaded.model_cfg, loaded.config
+    optimizer = optimizers.make_optimizer(config)
+    if cfg.lora_rank:
+        optimizer = lora.adapters_only(optimizer)
+    params = loaded.params
+    opt_state = jax.jit(optimizer.init)(params)
+    trainable = (
+        lora.count_adapter_params(params) if cfg.lora_rank else int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    )
+    state_bytes = int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(opt_state)))
+    mesh = partitioning.make_mesh((-1, 1, 1))
+    step = trainer.compile_train_step(
+        cfg,
+        optimizer,
+        mesh,
+        "data_parallel",
+        label_smoothing=config.get("label_smoothing", 0.0),
+        loss_chunk_tokens=config.get("loss_chunk_tokens", 0),
+    )
+    tokens = jax.random.randint(jax.random.key(0), (args.step_rows, args.step_length), 2, loaded.vocab.vocab_size)
+    batch = {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": tokens,
+        "decoder_loss_weights": jnp.ones(tokens.shape, jnp.float32),
+    }
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    state = jax.device_put(state, trainer.state_shardings(cfg, optimizer, mesh, "data_parallel"))
+    with partitioning.activate(mesh, "data_parallel"):
+        for _ in range(2):
+            state, out = step(state, batch, jax.random.key(1))
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, out = step(state, batch, jax.random.key(1))
+        jax.block_until_ready(out)
+    return {
+        "trainable_parameters": trainable,
+        "optimizer_state_bytes": state_bytes,
+        "step_seconds": (time.perf_counter() - start) / args.steps,
+    }
+
+
 def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
     settings = models.DecodeSettings(beam_size=args.beam_size, alpha=args.alpha)
     evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.batch_size)  # compile
@@ -92,13 +149,24 @@ def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
         "sentences_per_s": len(result.predictions) / seconds,
         "tokens_per_s": tokens / seconds,
     }
+    if not loaded.model_cfg.quantization:  # quantized models are not trained here
+        row.update(train_cost(loaded, args))
     metric = "tok_bleu" if "tok_bleu" in row["metrics"] else sorted(row["metrics"])[0]
+    step = f"  step {row['step_seconds']:.3f} s" if "step_seconds" in row else ""
     print(
         f"{name:>14}: {metric} {row['metrics'][metric]:.2f}  params {row['param_bytes']:,} B"
-        f"  disk {row['disk_bytes']:,} B  decode {row['sentences_per_s']:.1f} sent/s, {row['tokens_per_s']:.0f} tok/s",
+        f"  disk {row['disk_bytes']:,} B  decode {row['sentences_per_s']:.1f} sent/s, {row['tokens_per_s']:.0f} tok/s"
+        + step,
         flush=True,
     )
     return row
+
+
+def _named_workdirs(specs: list[str]):
+    for spec in specs:
+        name, _, source = spec.partition("=")
+        workdir, _, average = source.partition(":")
+        yield name, load_workdir(workdir, average_last=int(average or 0))
 
 
 def plot(rows: list, metric: str, args: argparse.Namespace) -> None:
@@ -122,6 +190,10 @@ def plot(rows: list, metric: str, args: argparse.Namespace) -> None:
     fig.savefig(args.out + ".png", dpi=120)
 
 
+def _step(row: dict) -> str:
+    return f"{row['step_seconds']:.3f}" if "step_seconds" in row else "-"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     schemes = [s for s in args.schemes.split(",") if s]
@@ -136,10 +208,10 @@ def main(argv=None) -> None:
                 args.workdir, out, scheme, keep_embeddings=args.keep_embeddings, average_last=args.average_last
             )
         rows.append(measure(scheme + suffix, load_workdir(out), args))
-    for extra in args.extra:
-        name, _, source = extra.partition("=")
-        workdir, _, average = source.partition(":")
-        rows.append(measure(name, load_workdir(workdir, average_last=int(average or 0)), args))
+    rows += [measure(name, loaded, args) for name, loaded in _named_workdirs(args.extra)]
+    transfer = [
+        measure(name, loaded, args) | {"task": loaded.task.name} for name, loaded in _named_workdirs(args.transfer)
+    ]
     base = rows[0]
     for row in rows:
         row["bytes_ratio"] = row["param_bytes"] / base["param_bytes"]
@@ -155,14 +227,16 @@ def main(argv=None) -> None:
         "split": args.split,
         "decoding": {"beam_size": args.beam_size, "alpha": args.alpha, "average_last": args.average_last},
         "rows": rows,
+        "transfer_rows": transfer,
+        "train_step_batch": [args.step_rows, args.step_length],
     }
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     metric = "tok_bleu" if "tok_bleu" in base["metrics"] else sorted(base["metrics"])[0]
     lines = [
         f"| model | {args.split} {metric} | parameters | parameter bytes | on disk | decoding tokens/s (beam "
-        f"{args.beam_size}) |",
-        "|---|---|---|---|---|---|",
+        f"{args.beam_size}) | train step (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         delta = row["metrics"][metric] - base["metrics"][metric]
@@ -170,8 +244,21 @@ def main(argv=None) -> None:
             f"| {row['model']} | {row['metrics'][metric]:.2f} ({delta:+.2f}) | {row['parameters']:,} | "
             f"{row['param_bytes']:,} "
             f"({100 * row['bytes_ratio']:.1f}%) | {row['disk_bytes']:,} ({100 * row['disk_ratio']:.1f}%) | "
-            f"{row['tokens_per_s']:.0f} ({row['speed_ratio']:.2f}x) |"
+            f"{row['tokens_per_s']:.0f} ({row['speed_ratio']:.2f}x) | {_step(row)} |"
         )
+    if transfer:
+        lines += [
+            "",
+            f"| fine-tuning run | task | {args.split} {metric} | trainable parameters | optimizer state bytes | "
+            "train step (s) | decoding tokens/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in transfer:
+            lines.append(
+                f"| {row['model']} | {row['task']} | {row['metrics'][metric]:.2f} | {row['trainable_parameters']:,} "
+                f"({100 * row['trainable_parameters'] / row['parameters']:.1f}%) | {row['optimizer_state_bytes']:,} | "
+                f"{_step(row)} | {row['tokens_per_s']:.0f} |"
+            )
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
