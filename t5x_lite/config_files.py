@@ -99,6 +99,9 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.bucket_boundaries = ()  # padded lengths of the buckets; empty: bucketing.default_boundaries
     config.bucket_row_multiple = 8  # rows of every bucketed batch are a multiple of this (and of the batch shards)
 
+    # Quantization-aware training: "" or a t5x_lite.quantization scheme (int8, int8_dynamic, fp8); the same as
+    # model_overrides.qat. The trained workdir converts with python -m t5x_lite.quantize --scheme the same.
+    config.quantization = ""
     config.model = "t5_tiny"
     config.model_overrides = model_overrides(dropout_rate=0.0)
 

@@ -108,6 +108,9 @@ class Embed(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+    # Quantization-aware training: look rows up in the table as PTQ will store it (per-row int8 scales, rounded),
+    # with straight-through gradients. Set for a table that ``attend`` ties to the output projection.
+    qat: str = ""
 
     def setup(self) -> None:
         self.embedding = self.param(
@@ -122,7 +125,8 @@ class Embed(nn.Module):
             raise ValueError(f"Embed expects integer ids, got dtype {ids.dtype}")
         if quantization.is_quantized(self.embedding):  # int8 rows and their scales (t5x_lite.quantize)
             return quantization.take_rows(self.embedding, ids, self.dtype)
-        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+        table = quantization.fake_quantize_rows(self.embedding, self.qat) if self.qat else self.embedding
+        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""

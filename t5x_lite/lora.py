@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import qwix
-from qwix._src.providers.lora import LoraRule  # the rule type LoraProvider matches; not re-exported by qwix
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 # Module paths that keep no adapter: the token table (shared, or per stack) and an untied output projection.
@@ -44,7 +43,7 @@ def wrap(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
     provider = qwix.LoraProvider(
         [
             qwix.QuantizationRule(module_path=NO_ADAPTER_MODULES),  # the first matching rule wins: no adapter here
-            LoraRule(module_path=".*", rank=rank, alpha=float(alpha or rank)),
+            qwix.LoraRule(module_path=".*", rank=rank, alpha=float(alpha or rank)),
         ]
     )
     return qwix.apply_lora_to_model(model, provider, methods=METHODS)

@@ -79,6 +79,9 @@ class TransformerConfig:
     # int8_dynamic, fp8); the parameters are then Qwix-quantized trees, and ``build_model`` wraps the network.
     quantization: str = ""
     quantize_embeddings: bool = True  # False keeps the token table / output projection in float
+    # Quantization-aware training: "" or a scheme; the parameters stay float and every forward pass runs on their
+    # fake-quantized copies (Qwix QT, straight-through gradients). ``python -m t5x_lite.quantize`` then stores them.
+    qat: str = ""
     # LoRA (t5x_lite.lora): rank > 0 adds Qwix low-rank adapters (scaled by alpha / rank; None: alpha = rank) to
     # every attention and MLP weight; training then updates the adapters only.
     lora_rank: int = 0
@@ -140,6 +143,12 @@ class TransformerConfig:
             fail("share_layers", "needs scan_layers=True (the shared layer is applied by nn.scan)")
         if self.quantization and self.scan_layers:
             fail("quantization", "is not supported with scan_layers=True; quantize the unscanned layout")
+        try:
+            quantization.check_scheme(self.qat)
+        except ValueError as error:
+            fail("qat", str(error))
+        if self.qat and (self.quantization or self.scan_layers or self.lora_rank):
+            fail("qat", "trains the unscanned float model (quantization='', scan_layers=False, lora_rank=0)")
         try:
             lora.check(self.lora_rank, self.lora_alpha)
         except ValueError as error:
@@ -295,6 +304,8 @@ def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
         dtype=cfg.activation_dtype,
         param_dtype=cfg.parameter_dtype,
         embedding_init=nn.initializers.normal(stddev=stddev),
+        # QAT: PTQ quantizes the table when the tied output projection uses it; lookups then read int8 rows
+        qat=cfg.qat if cfg.qat and cfg.quantize_embeddings and cfg.tie_word_embeddings else "",
         name=name,
     )
 
@@ -729,6 +740,8 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
     model = Transformer(cfg)
     if cfg.lora_rank:
         return lora.wrap(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.qat:
+        return quantization.wrap_qat(model, cfg.qat, cfg.quantize_embeddings)
     return quantization.wrap(model, cfg.quantization, cfg.quantize_embeddings) if cfg.quantization else model
 
 

@@ -56,6 +56,25 @@ def wrap(model: nn.Module, scheme: str, quantize_embeddings: bool = True) -> nn.
     return qwix.quantize_model(model, provider, methods=METHODS)
 
 
+def wrap_qat(model: nn.Module, scheme: str, quantize_embeddings: bool = True) -> nn.Module:
+    """``model`` for quantization-aware training: float parameters, every matmul on a weight run on its
+    ``scheme``-quantized copy (per-channel scales as PTQ computes them; activations too for ``int8_dynamic``) with
+    straight-through gradients, so that training adapts to the rounding that ``python -m t5x_lite.quantize``
+    applies afterwards."""
+    check_scheme(scheme)
+    weight_qtype, act_qtype = SCHEMES[scheme]
+    rule = qwix.QtRule(module_path=".*", weight_qtype=weight_qtype, act_qtype=act_qtype)
+    rules = [rule] if quantize_embeddings else [qwix.QuantizationRule(module_path=EMBEDDING_MODULES), rule]
+    return qwix.quantize_model(model, qwix.QtProvider(rules), methods=METHODS)
+
+
+def fake_quantize_rows(table: jax.Array, scheme: str) -> jax.Array:
+    """``table`` quantized per row (as PTQ stores a tied embedding) and back, with a straight-through gradient."""
+    weight_qtype, _ = SCHEMES[scheme]
+    rounded = qwix.dequantize(qwix.quantize(table, weight_qtype, channelwise_axes=[0])).astype(table.dtype)
+    return table + jax.lax.stop_gradient(rounded - table)
+
+
 def is_quantized(leaf: Any) -> bool:
     """Whether ``leaf`` is a Qwix PTQ weight (``WithAux`` holding a ``QArray``)."""
     return isinstance(leaf, WithAux)

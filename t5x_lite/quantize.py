@@ -39,10 +39,13 @@ def quantize_workdir(
         raise ValueError(f"{workdir} is already quantized ({loaded.model_cfg.quantization}); quantize its float source")
     if loaded.model_cfg.share_layers:
         raise ValueError(f"{workdir} shares its layers (share_layers=True); quantizing it is not supported yet")
+    if loaded.model_cfg.lora_rank:
+        raise ValueError(f"{workdir} holds LoRA adapters; merge them first (python -m t5x_lite.lora_merge)")
     params = loaded.params
     if loaded.model_cfg.scan_layers:  # Qwix quantizes per layer: store the unscanned layout (same function)
         params = network.unscan_params(params, loaded.model_cfg)
-    changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False)
+    # A QAT-trained model (``qat``) becomes the PTQ model it was trained to be: the same rounding, stored.
+    changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False, qat="")
     cfg = loaded.model_cfg.replace(**changes)
     stored = quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(cfg)))
     record = {

@@ -121,7 +121,10 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
 
 def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
     padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
-    return get_model_config(config.model, vocab_size=padded_vocab, **config_files.given_model_overrides(config))
+    overrides = config_files.given_model_overrides(config)
+    if config.get("quantization"):  # quantization-aware training (the model's qat field)
+        overrides["qat"] = config.quantization
+    return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
 
 
 def _eval_task(config, task: Task | Mixture) -> Task:

@@ -322,7 +322,7 @@ def train_step(
                 dropout_rng,
                 label_smoothing,
                 z_loss,
-                0 if distillation is not None else loss_chunk_tokens,
+                0 if distillation is not None or model_cfg.qat else loss_chunk_tokens,
                 teacher_logits,
                 distillation,
             )
