@@ -102,6 +102,11 @@ def default_train_config() -> ml_collections.ConfigDict:
     # Quantization-aware training: "" or a t5x_lite.quantization scheme (int8, int8_dynamic, fp8); the same as
     # model_overrides.qat. The trained workdir converts with python -m t5x_lite.quantize --scheme the same.
     config.quantization = ""
+    # Unstructured magnitude pruning while training (t5x_lite.sparsity): the fraction of every dense kernel's
+    # entries set to zero rises as a cubic from prune_start_step to prune_end_step (Zhu & Gupta 2017); 0: off.
+    config.prune_sparsity = 0.0
+    config.prune_start_step = 0
+    config.prune_end_step = 0
     config.model = "t5_tiny"
     config.model_overrides = model_overrides(dropout_rate=0.0)
 

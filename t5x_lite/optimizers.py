@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite import adafactor
+from t5x_lite import adafactor, sparsity
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "inverse_sqrt", "warmup_rsqrt", "constant")
@@ -68,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip_norm": 0.0,
     "decay_rate": 0.8,
     "clipping_threshold": 1.0,
+    "prune_sparsity": 0.0,  # unstructured magnitude pruning (t5x_lite.sparsity): the final fraction of zeros
+    "prune_start_step": 0,
+    "prune_end_step": 0,
 }
 
 
@@ -244,4 +247,12 @@ def make_optimizer(
     clip = float(options["grad_clip_norm"] or 0.0)
     if clip < 0 or math.isnan(clip):
         raise ValueError(f"config.grad_clip_norm={clip!r} must be >= 0 (0 turns clipping off)")
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+    if options["prune_sparsity"]:  # gradual magnitude pruning on top of the update (Zhu & Gupta 2017)
+        return sparsity.magnitude_pruning(
+            tx,
+            float(options["prune_sparsity"]),
+            _non_negative_int(options, "prune_start_step"),
+            _non_negative_int(options, "prune_end_step"),
+        )
+    return tx
