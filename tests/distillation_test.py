@@ -131,3 +131,32 @@ def test_bad_teachers(tiny_trained, tmp_path):
     with pytest.raises(ValueError, match="distill_weight=-1.0 must be in"):
         train.train_and_evaluate(config, str(tmp_path / "c"))
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_sequence_level_distillation_data_trains_a_student(tiny_trained, tmp_path):
+    from t5x_lite import distill_data
+    from t5x_lite.data.tasks import TaskRegistry
+
+    workdir, vocab_cache = tiny_trained
+    data = str(tmp_path / "kd")
+    record = distill_data.write_distillation_data(workdir, data, beam_size=2, max_examples=16, batch_size=8)
+    with open(f"{data}/train.tgt", encoding="utf-8") as f:
+        outputs = f.read().split("\n")[:-1]
+    assert record["examples"] == len(outputs) == 16
+    base = TaskRegistry.get(record["base_task"])
+    task = TaskRegistry.get(f"distilled:{data}")
+    train_source, base_train = task.get_source("train"), base.get_source("train")
+    assert [train_source[i]["inputs"] for i in range(16)] == [base_train[i]["inputs"] for i in range(16)]
+    assert [train_source[i]["targets"] for i in range(16)] == outputs  # the teacher's outputs are the targets
+    assert task.get_source("validation")[3] == base.get_source("validation")[3]  # scored on the real references
+
+    config = tiny_config.get_config("steps=3")
+    config.vocab_cache_dir = vocab_cache
+    config.task, config.vocab_task = f"distilled:{data}", record["base_task"]
+    config.eval_every_steps = 3
+    train.train_and_evaluate(config, str(tmp_path / "student"))
+    logged = [row["train/loss"] for row in metrics.read_metrics(str(tmp_path / "student")) if "train/loss" in row]
+    assert logged and all(np.isfinite(logged))
+    assert distill_data.main(["--teacher", workdir, "--out", data, "--max_examples", "4"]) == 2  # exists already
+    with pytest.raises(ValueError, match="task.json not found"):
+        TaskRegistry.get(f"distilled:{tmp_path / 'nothing'}")

@@ -204,6 +204,10 @@ class TaskRegistry:
 
     @classmethod
     def get(cls, name: str) -> Task | Mixture:
+        if name.startswith("distilled:") and name not in cls._tasks:  # sequence-level distillation data
+            from t5x_lite.distill_data import distilled_task
+
+            return distilled_task(name)
         if name not in cls._tasks:
             known = ", ".join(sorted(cls._tasks))
             raise ValueError(f"unknown task {name!r}; registered tasks: {known}")
