@@ -25,14 +25,18 @@ Options: ``:init_from=DIR,tgt=fr,lora_rank=0,lora_alpha=0,steps=1500,lr=0,seed=1
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from t5x_lite.config_files import check_choice, default_train_config, model_overrides, parse_options
+from t5x_lite.config_files import check_choice, load_config, parse_options
 
 OPTIONS = {"init_from": "", "tgt": "fr", "lora_rank": 0, "lora_alpha": 0.0, "steps": 1500, "lr": 0.0, "seed": 1}
+MULTI30K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi30k.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """configs/multi30k.py's model, batches, Adam and label smoothing, fine-tuning on another target language."""
     options = parse_options(arg, OPTIONS, "configs/multi30k_transfer.py")
     if not options["init_from"]:
         raise ValueError(
@@ -41,40 +45,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     tgt = check_choice(options, "tgt", ("fr", "cs"), "configs/multi30k_transfer.py")
     rank, steps = options["lora_rank"], options["steps"]
-    config = default_train_config()
-    config.seed = options["seed"]
+    config = load_config(f"{MULTI30K}:steps={steps},seed={options['seed']}")
     config.task = f"multi30k_en{tgt}_tok"
     config.init_from = options["init_from"]
-    config.model = "transformer_tiny"
-    config.model_overrides = model_overrides(
-        dropout_rate=0.3, dropout_generator="hash", lora_rank=rank, lora_alpha=options["lora_alpha"] or None
-    )
-
-    config.pack = False
-    config.batch_tokens = 4096
-    config.loss_chunk_tokens = 1024
-
-    config.num_train_steps = steps
-    config.optimizer = "adamw"
+    config.model_overrides.lora_rank = rank
+    if options["lora_alpha"]:
+        config.model_overrides.lora_alpha = options["lora_alpha"]
     config.learning_rate = options["lr"] or (5e-3 if rank else 1e-3)
-    config.schedule = "warmup_rsqrt"
     config.warmup_steps = 100
     config.cooldown_steps = int(0.4 * steps)  # linearly to 0 over the last 40%, as configs/multi30k.py
-    config.b2 = 0.98
-    config.eps = 1e-8
-    config.weight_decay = 0.0
-    config.grad_clip_norm = 0.0
-    config.label_smoothing = 0.1
-
-    config.log_every_steps = 100
     config.eval_every_steps = 500
-    config.eval_split = "validation"
-    config.eval_examples = 0
-    config.eval_batch_size = 256
-    config.eval_beam_size = 1
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3
     config.keep_best_checkpoints = 1
-    config.best_metric = "eval/tok_bleu"
-    config.best_mode = "max"
     return config

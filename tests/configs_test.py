@@ -11,7 +11,11 @@ from t5x_lite import optimizers
 from t5x_lite.config_files import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-NEEDS_OPTIONS = {"t5_finetune.py": ":init_from=/nonexistent/converted"}  # refuses to resolve without its checkpoint
+# refuse to resolve without the checkpoint they start from
+NEEDS_OPTIONS = {
+    "t5_finetune.py": ":init_from=/nonexistent/converted",
+    "multi30k_transfer.py": ":init_from=/nonexistent/m30k",
+}
 
 
 @pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.py"))))
