@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import lora, models, optimizers, partitioning, quantization, quantize, trainer  # noqa: E402
+from t5x_lite import lora, models, optimizers, partitioning, quantization, quantize, train, trainer  # noqa: E402
 from t5x_lite.checkpoints import Checkpointer  # noqa: E402
 from t5x_lite.evaluation import LoadedModel, evaluate_loaded, load_workdir  # noqa: E402
 
@@ -88,7 +89,7 @@ def count_parameters(stored) -> int:
 
 def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     """Trainable parameters, optimizer-state bytes and the mean time of a train step of the model with its run's
-    optimizer on a fixed ``step_rows`` x ``step_length`` batch (a distillation run's teacher not included)."""
+    optimizer (and teacher, for a distilled student) on a fixed ``step_rows`` x ``step_length`` batch."""
     cfg, config = loaded.model_cfg, loaded.config
     optimizer = optimizers.make_optimizer(config)
     if cfg.lora_rank:
@@ -100,6 +101,8 @@ def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     )
     state_bytes = int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(opt_state)))
     mesh = partitioning.make_mesh((-1, 1, 1))
+    # A distilled student's step runs its teacher too (config.distill_teacher): timed as it trained.
+    distillation, teacher_params = train._teacher(ml_collections.ConfigDict(config), loaded.vocab, verbose=False)
     step = trainer.compile_train_step(
         cfg,
         optimizer,
@@ -107,6 +110,8 @@ def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
         "data_parallel",
         label_smoothing=config.get("label_smoothing", 0.0),
         loss_chunk_tokens=config.get("loss_chunk_tokens", 0),
+        distillation=distillation,
+        teacher_params=teacher_params,
     )
     tokens = jax.random.randint(jax.random.key(0), (args.step_rows, args.step_length), 2, loaded.vocab.vocab_size)
     batch = {
