@@ -23,10 +23,9 @@ import numpy as np
 import optax
 import qwix
 
+from t5x_lite.quantization import EMBEDDING_MODULES, METHODS
+
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
-# Module paths that keep no adapter: the token table (shared, or per stack) and an untied output projection.
-NO_ADAPTER_MODULES = r"(.*/)?(token_embedder|logits_dense)"
-METHODS = ("__call__", "encode", "decode")
 
 
 def check(rank: int, alpha: float | None) -> None:
@@ -42,7 +41,9 @@ def wrap(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
     check(rank, alpha)
     provider = qwix.LoraProvider(
         [
-            qwix.QuantizationRule(module_path=NO_ADAPTER_MODULES),  # the first matching rule wins: no adapter here
+            # the token table (shared, or per stack) and an untied output projection keep no adapter: the first
+            # matching rule wins
+            qwix.QuantizationRule(module_path=EMBEDDING_MODULES),
             qwix.LoraRule(module_path=".*", rank=rank, alpha=float(alpha or rank)),
         ]
     )

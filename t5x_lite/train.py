@@ -298,7 +298,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if model_cfg.lora_rank and not lora.holds_adapters(params):  # a base model: adapters start fresh
                 network.check_params_match(model_cfg.replace(lora_rank=0), params, source=source)
                 params = lora.insert_base(state.params, params)
-            network.check_params_match(model_cfg, params, source=source)
+            else:
+                network.check_params_match(model_cfg, params, source=source)
             state = state.replace(params=jax.device_put(params, shardings.params))
         iterator = iter(train_data)
     start_step = int(state.step)
