@@ -348,7 +348,7 @@ def _rebuild_quantized(root: Any, params: Any) -> Any:
     cfg = network.TransformerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))["model"])
     if not cfg.quantization:
         raise ValueError(f"{root} holds quantized weights but config.json's model.quantization is empty")
-    return quantization.from_storage(params, network.quantized_abstract_params(cfg))
+    return network.runtime_params(cfg, params)
 
 
 # -------------------------------------------------------------------------------------------------------------

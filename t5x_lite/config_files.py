@@ -101,6 +101,7 @@ def default_train_config() -> ml_collections.ConfigDict:
 
     # Quantization-aware training: "" or a t5x_lite.quantization scheme (int8, int8_dynamic, fp8); the same as
     # model_overrides.qat. The trained workdir converts with python -m t5x_lite.quantize --scheme the same.
+    # With model_overrides.lora_rank > 0 it is QLoRA instead: the frozen base held quantized, float adapters.
     config.quantization = ""
     # Unstructured magnitude pruning while training (t5x_lite.sparsity): the fraction of every dense kernel's
     # entries set to zero rises as a cubic from prune_start_step to prune_end_step (Zhu & Gupta 2017); 0: off.

@@ -48,7 +48,9 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def _encode(cfg: TransformerConfig, params: Any, encoder_input_tokens: jax.Array) -> jax.Array:
-    return network.build_model(cfg).apply({"params": params}, encoder_input_tokens, method="encode")
+    return network.build_model(cfg).apply(
+        {"params": network.runtime_params(cfg, params)}, encoder_input_tokens, method="encode"
+    )
 
 
 def _decode_loop(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from t5x_lite import checkpoints, fileio, metrics, models, partitioning
 from t5x_lite.data import pipeline
@@ -187,7 +188,8 @@ def evaluate_loaded(
     """Decode and score ``split`` with a loaded workdir's parameters, data-parallel over every device
     (``batch_size`` rounded down to a multiple of the device count, at least one row each)."""
     mesh, rules = partitioning.make_mesh((-1, 1, 1)), "data_parallel"
-    params = jax.device_put(loaded.params, partitioning.param_shardings(loaded.model_cfg, mesh, rules))
+    # data parallel: every parameter (float, quantized or adapter) replicated
+    params = jax.device_put(loaded.params, NamedSharding(mesh, PartitionSpec()))
     with partitioning.activate(mesh, rules):
         return evaluate_split(
             loaded.task,

@@ -5,15 +5,19 @@ Qwix's ``LoraProvider`` intercepts each ``dot_general`` on a weight ``W`` (shape
 zeros) created next to ``W`` as ``kernel_lora_a`` / ``kernel_lora_b``. B starts at zero, so a fresh adapter leaves
 the base model's outputs unchanged. Token embeddings and the (tied) output projection keep no adapter.
 
-Training (``TransformerConfig.lora_rank > 0``) updates the adapters only: the train step stops the gradient of
-every base weight (XLA then drops their weight-gradient matmuls) and ``adapters_only`` gives the optimizer no state
-for them. ``merge`` folds trained adapters into the weights: a plain model of the base shape (``python -m
-t5x_lite.lora_merge``).
+Training (``TransformerConfig.lora_rank > 0``) updates the adapters only: the train step differentiates with
+respect to the adapters alone (``split``; no weight-gradient matmuls for the base) and ``adapters_only`` gives the
+optimizer no state for the base. ``merge`` folds trained adapters into the weights: a plain model of the base shape
+(``python -m t5x_lite.lora_merge``).
+
+QLoRA (``lora_rank`` with ``quantization``, Dettmers et al. 2023): the frozen base weights are held and applied
+Qwix-quantized (int8 with per-channel scales, as ``python -m t5x_lite.quantize`` stores them), the adapters in
+float; a quarter of the base's float bytes in memory and on disk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +27,7 @@ import numpy as np
 import optax
 import qwix
 
+from t5x_lite import quantization
 from t5x_lite.quantization import EMBEDDING_MODULES, METHODS
 
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
@@ -36,15 +41,26 @@ def check(rank: int, alpha: float | None) -> None:
         raise ValueError(f"lora_alpha={alpha!r} must be positive (the adapters' output is scaled by alpha / rank)")
 
 
-def wrap(model: nn.Module, rank: int, alpha: float | None = None) -> nn.Module:
-    """``model`` with rank-``rank`` adapters on its attention and MLP weights (scale ``alpha / rank``)."""
+def wrap(
+    model: nn.Module, rank: int, alpha: float | None = None, scheme: str = "", quantize_embeddings: bool = True
+) -> nn.Module:
+    """``model`` with rank-``rank`` adapters on its attention and MLP weights (scale ``alpha / rank``); with a
+    quantization ``scheme`` (QLoRA) the base weights are applied quantized, as ``quantization.wrap`` applies them."""
     check(rank, alpha)
+    weight_qtype, act_qtype = quantization.SCHEMES[scheme] if scheme else (None, None)
+    embedding_qtype = weight_qtype if quantize_embeddings else None
     provider = qwix.LoraProvider(
         [
             # the token table (shared, or per stack) and an untied output projection keep no adapter: the first
-            # matching rule wins
-            qwix.QuantizationRule(module_path=EMBEDDING_MODULES),
-            qwix.LoraRule(module_path=".*", rank=rank, alpha=float(alpha or rank)),
+            # matching rule wins (quantized under QLoRA unless quantize_embeddings=False)
+            qwix.QuantizationRule(module_path=EMBEDDING_MODULES, weight_qtype=embedding_qtype, act_qtype=act_qtype),
+            qwix.LoraRule(
+                module_path=".*",
+                rank=rank,
+                alpha=float(alpha or rank),
+                weight_qtype=weight_qtype,
+                act_qtype=act_qtype,
+            ),
         ]
     )
     return qwix.apply_lora_to_model(model, provider, methods=METHODS)
@@ -64,11 +80,24 @@ def labels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
 
 
-def freeze_base(params: Any) -> Any:
-    """``params`` with the gradient of every base weight stopped: only the adapters get one."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if is_adapter(path) else jax.lax.stop_gradient(leaf), params
-    )
+def split(params: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """The adapters of ``params`` (a list) and the function that puts a list like it back among the base weights:
+    the train step differentiates through it with respect to the adapters only (a quantized base has integer
+    leaves, which have no gradient)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    chosen = [is_adapter(path) for path, _ in flat]
+
+    def rebuild(adapters: list[Any]) -> Any:
+        given = iter(adapters)
+        return treedef.unflatten([next(given) if pick else leaf for pick, (_, leaf) in zip(chosen, flat, strict=True)])
+
+    return [leaf for pick, (_, leaf) in zip(chosen, flat, strict=True) if pick], rebuild
+
+
+def full_gradient(adapter_grads: list[Any], params: Any) -> Any:
+    """The gradient of every leaf of ``params`` from the adapters' (``split`` order): zero for the base."""
+    _, rebuild = split(jax.tree.map(jnp.zeros_like, params))
+    return rebuild(adapter_grads)
 
 
 def adapters_only(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -79,6 +108,27 @@ def adapters_only(optimizer: optax.GradientTransformation) -> optax.GradientTran
 def holds_adapters(params: Any) -> bool:
     """Whether a parameter tree holds LoRA factors (a LoRA run's checkpoint, not a base model's)."""
     return any(is_adapter(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def without_adapters(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` (nested dicts) without its LoRA factors: the base model's parameters."""
+    return {
+        key: without_adapters(value) if isinstance(value, Mapping) else value
+        for key, value in tree.items()
+        if not key.endswith(ADAPTER_SUFFIXES)
+    }
+
+
+def with_adapters(tree: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` (nested dicts) with every LoRA factor of ``source`` added at its place: e.g. a quantized base's
+    tree, which Qwix builds without the adapters, completed by the float LoRA model's."""
+    out = dict(tree)
+    for key, value in source.items():
+        if key.endswith(ADAPTER_SUFFIXES):
+            out[key] = value
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = with_adapters(out[key], value)
+    return out
 
 
 def count_adapter_params(params: Any) -> int:

@@ -4,7 +4,8 @@
 
 Every adapted weight becomes ``W + reshape(A @ B) * alpha / rank`` (t5x_lite.lora.merge); DIR_M gets
 ``config.json`` (``lora_rank`` 0), ``vocab/``, one checkpoint and ``lora_merge.json``. It decodes as fast as the
-base model (no adapter matmuls) and ``evaluate``, ``infer``, ``quantize`` and ``init_from`` read it.
+base model (no adapter matmuls) and ``evaluate``, ``infer``, ``quantize`` and ``init_from`` read it. A QLoRA run's
+base is dequantized first, so its merged model is float (``python -m t5x_lite.quantize`` quantizes it again).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from t5x_lite import derived_workdir, fileio, lora
+from t5x_lite import derived_workdir, fileio, lora, quantization
 from t5x_lite.evaluation import load_workdir
 
 
@@ -26,13 +27,15 @@ def merge_workdir(
     cfg = loaded.model_cfg
     if not cfg.lora_rank:
         raise ValueError(f"{workdir} is not a LoRA run (its model has lora_rank=0): nothing to merge")
-    params = lora.merge(loaded.params, cfg.lora_rank, cfg.lora_alpha)
+    # QLoRA: the quantized base is dequantized first; the merged model is float (quantize it again if wanted)
+    params = lora.merge(quantization.dequantize_params(loaded.params), cfg.lora_rank, cfg.lora_alpha)
     record = {
         "source_workdir": str(fileio.workdir_path(workdir)),
         "source_steps": list(loaded.steps),
         "lora_rank": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha or cfg.lora_rank,
         "adapter_params": lora.count_adapter_params(loaded.params),
+        "base_quantization": cfg.quantization,
     }
     derived_workdir.write_derived_workdir(
         workdir,
@@ -40,7 +43,7 @@ def merge_workdir(
         vocab=loaded.vocab,
         step=loaded.steps[-1],
         params=params,
-        model_changes={"lora_rank": 0, "lora_alpha": None},
+        model_changes={"lora_rank": 0, "lora_alpha": None, "quantization": ""},
         record_name="lora_merge",
         record=record,
     )

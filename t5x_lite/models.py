@@ -101,7 +101,7 @@ def score_batch(cfg: TransformerConfig, params: Any, batch: Mapping[str, jax.Arr
     ``decoder_loss_weights``) given ``encoder_input_tokens``, teacher-forced on ``decoder_input_tokens``."""
     targets = batch["decoder_target_tokens"]
     logits = network.build_model(cfg).apply(
-        {"params": params},
+        {"params": network.runtime_params(cfg, params)},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         None,  # causal masking only, as in decoding: a (rarely) generated id 0 is then scored like any token

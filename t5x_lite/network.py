@@ -153,8 +153,8 @@ class TransformerConfig:
             lora.check(self.lora_rank, self.lora_alpha)
         except ValueError as error:
             fail("lora_rank", str(error))
-        if self.lora_rank and (self.scan_layers or self.quantization):
-            fail("lora_rank", "adapters need the unscanned float model (scan_layers=False, quantization='')")
+        if self.lora_rank and self.scan_layers:
+            fail("lora_rank", "adapters need the unscanned model (scan_layers=False)")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -738,8 +738,8 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
     """The network of ``cfg``: the Transformer, or with ``cfg.quantization`` its Qwix-quantized twin (same
     methods, same parameter paths, quantized weights), or with ``cfg.lora_rank`` its twin with LoRA adapters."""
     model = Transformer(cfg)
-    if cfg.lora_rank:
-        return lora.wrap(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.lora_rank:  # with cfg.quantization: QLoRA, the base applied quantized
+        return lora.wrap(model, cfg.lora_rank, cfg.lora_alpha, cfg.quantization, cfg.quantize_embeddings)
     if cfg.qat:
         return quantization.wrap_qat(model, cfg.qat, cfg.quantize_embeddings)
     return quantization.wrap(model, cfg.quantization, cfg.quantize_embeddings) if cfg.quantization else model
@@ -771,6 +771,16 @@ def initializer(cfg: TransformerConfig, encoder_tokens: jax.Array, decoder_token
     embeddings, norms and position tables keep their values, and the layers draw from one stacked key per parameter
     instead of one key each, so XLA compiles one layer's random initializers instead of one copy per layer.
     """
+    if cfg.lora_rank and cfg.quantization:  # QLoRA: the float base quantized as it is held in training
+        float_init = initializer(cfg.replace(quantization=""), encoder_tokens, decoder_tokens)
+        base_abstract = quantized_abstract_params(cfg.replace(lora_rank=0))
+
+        def quantized_init(rng: jax.Array) -> Any:
+            params = float_init(rng)
+            base = quantization.quantize_params(lora.without_adapters(params), base_abstract)
+            return lora.with_adapters(quantization.to_storage(base), params)
+
+        return quantized_init
     if cfg.init_through_scan and not cfg.scan_layers and not cfg.lora_rank:
         twin = cfg.replace(scan_layers=True)
         return lambda rng: unscan_params(
@@ -795,7 +805,28 @@ def quantized_abstract_params(cfg: TransformerConfig) -> Any:
     """For a ``cfg.quantization`` model: the Qwix parameter tree (``WithAux[QArray]`` leaves, shapes only)."""
     if not cfg.quantization:
         raise ValueError("quantized_abstract_params needs a config with quantization set")
+    if cfg.lora_rank:  # QLoRA: Qwix's tree of the quantized base, and the adapters (float) next to their weights
+        base = quantization.abstract_params(build_model(cfg.replace(lora_rank=0)), _dummy_inputs())
+        return lora.with_adapters(base, quantization.unbox_shapes(abstract_params(cfg)))
     return quantization.abstract_params(build_model(cfg), _dummy_inputs())
+
+
+def stored_params(cfg: TransformerConfig) -> Any:
+    """Shapes and dtypes of the parameters as training holds them (``ShapeDtypeStruct``s): the float tree, or for
+    QLoRA each quantized base weight a ``{"qvalue", "scale"}`` dict (``quantization.to_storage``)."""
+    encoder_tokens, decoder_tokens = _dummy_inputs()
+    return jax.eval_shape(initializer(cfg, encoder_tokens, decoder_tokens), jax.random.key(0))
+
+
+def runtime_params(cfg: TransformerConfig, params: Any) -> Any:
+    """``params`` as ``build_model(cfg)`` applies them: a QLoRA model's stored ``{"qvalue", "scale"}`` dicts become
+    Qwix's quantized weights again; anything else (float trees, already rebuilt ones) is returned as it is."""
+    if not (cfg.quantization and quantization.holds_quantized(params)):
+        return params
+    # Qwix's tree of the quantized base (computed without adapters: Qwix cannot build a LoRA model's abstract tree
+    # under a mesh), then the adapters, which are plain arrays, put back
+    base = quantization.from_storage(params, quantized_abstract_params(cfg.replace(lora_rank=0)))
+    return lora.with_adapters(base, params) if cfg.lora_rank else base
 
 
 def param_logical_axes(cfg: TransformerConfig) -> Any:
@@ -925,7 +956,7 @@ def init_decode_cache(
     """
     batch = encoded.shape[0]
     _, variables = build_model(cfg).apply(
-        {"params": params},
+        {"params": runtime_params(cfg, params)},
         encoded,
         encoder_input_tokens,
         jnp.zeros((batch, max_decode_length), jnp.int32),
@@ -982,7 +1013,7 @@ def decode_step(
     and about 1.3x faster per step on a CPU, where the table is read from memory at every step.
     """
     hidden, variables = build_model(cfg).apply(
-        {"params": params, "cache": cache},
+        {"params": runtime_params(cfg, params), "cache": cache},
         encoded,
         encoder_input_tokens,
         tokens[:, None],

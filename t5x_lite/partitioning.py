@@ -159,8 +159,23 @@ def logical_to_mesh_specs(logical_specs: Any, rules: str | Rules) -> Any:
 
 
 def param_shardings(cfg: network.TransformerConfig, mesh: Mesh, rules: str | Rules) -> Any:
-    """``NamedSharding`` for every parameter of ``cfg`` (same tree as the unboxed params)."""
-    return nn.logical_to_mesh_sharding(network.param_logical_axes(cfg), mesh, get_rules(rules))
+    """``NamedSharding`` for every parameter of ``cfg`` (same tree as the unboxed params; for QLoRA the stored tree,
+    where a quantized weight's ``qvalue`` is split like the weight and its ``scale`` on the axes it keeps)."""
+    shardings = nn.logical_to_mesh_sharding(network.param_logical_axes(cfg), mesh, get_rules(rules))
+    if not (cfg.lora_rank and cfg.quantization):
+        return shardings
+
+    def stored(sharding: NamedSharding, shapes: Any) -> Any:
+        def fit(shape: jax.ShapeDtypeStruct) -> NamedSharding:
+            spec = tuple(sharding.spec) + (None,) * (len(shape.shape) - len(sharding.spec))
+            # a scale has size 1 on the contracted axes: those are not split
+            return NamedSharding(
+                mesh, PartitionSpec(*(None if n == 1 else a for n, a in zip(shape.shape, spec, strict=True)))
+            )
+
+        return jax.tree.map(fit, shapes)
+
+    return jax.tree.map(stored, shardings, network.stored_params(cfg))
 
 
 def batch_shards(mesh: Mesh, rules: str | Rules | None = None) -> int:

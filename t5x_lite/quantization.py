@@ -80,6 +80,11 @@ def is_quantized(leaf: Any) -> bool:
     return isinstance(leaf, WithAux)
 
 
+def is_quantized_tree(params: Any) -> bool:
+    """Whether ``params`` holds Qwix PTQ weights (as ``checkpoints.load_params`` rebuilds a quantized workdir)."""
+    return any(is_quantized(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_quantized))
+
+
 def holds_quantized(stored: Any) -> bool:
     """Whether a restored parameter tree holds quantized weights (``{"qvalue", "scale"}`` dicts)."""
     if isinstance(stored, Mapping):
@@ -113,7 +118,15 @@ def _take_broadcast(values: jax.Array, ids: jax.Array) -> jax.Array:
 def abstract_params(model: nn.Module, cfg_shapes: tuple[jax.Array, jax.Array]) -> Any:
     """Shapes (and Qwix's how-to-quantize metadata) of the quantized model's parameters, without computing any."""
     encoder_tokens, decoder_tokens = cfg_shapes
-    return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), encoder_tokens, decoder_tokens)["params"])
+    return unbox_shapes(jax.eval_shape(model.init, jax.random.key(0), encoder_tokens, decoder_tokens)["params"])
+
+
+def unbox_shapes(tree: Any) -> Any:
+    """``tree`` without its logical-axis boxes. Unlike ``nn.meta.unbox`` it adds no sharding constraint, so it
+    also works on shapes inside a jit-traced function under an active mesh."""
+    return jax.tree.map(
+        lambda box: box.unbox(apply_constraint=False), tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+    )
 
 
 def quantize_params(params: Any, abstract: Any) -> Any:

@@ -20,6 +20,7 @@ import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,6 +38,7 @@ from t5x_lite import (
     network,
     optimizers,
     partitioning,
+    quantization,
     trainer,
 )
 from t5x_lite.data import pipeline
@@ -122,8 +124,8 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
 def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
     padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
     overrides = config_files.given_model_overrides(config)
-    if config.get("quantization"):  # quantization-aware training (the model's qat field)
-        overrides["qat"] = config.quantization
+    if config.get("quantization"):  # with LoRA adapters QLoRA (a quantized base), else quantization-aware training
+        overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
     return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
 
 
@@ -203,6 +205,30 @@ def show_examples(workdir: str, count: int) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _lora_base(model_cfg: network.TransformerConfig, params: Any, source: str) -> Any:
+    """An ``init_from`` base model's parameters as a LoRA run holds them: float, or for QLoRA quantized and stored
+    as ``{"qvalue", "scale"}`` dicts (a float base is quantized here; a ``t5x_lite.quantize`` workdir of the same
+    scheme is taken as it is)."""
+    if quantization.is_quantized_tree(params):
+        if not model_cfg.quantization:
+            raise ValueError(f"{source} is quantized: LoRA on it needs the same --config.quantization (QLoRA)")
+        stored = quantization.to_storage(params)
+        expected = quantization.SCHEMES[model_cfg.quantization][0]
+        flat = jax.tree_util.tree_flatten_with_path(stored)[0]
+        found = {str(leaf.dtype) for path, leaf in flat if getattr(path[-1], "key", None) == "qvalue"}
+        if found != {jnp.dtype(expected).name}:
+            raise ValueError(
+                f"{source} is quantized to {', '.join(sorted(found))}; --config.quantization="
+                f"{model_cfg.quantization} needs {jnp.dtype(expected).name}: quantize its float source with that scheme"
+            )
+        return stored
+    network.check_params_match(model_cfg.replace(lora_rank=0, quantization=""), params, source=source)
+    if not model_cfg.quantization:
+        return params
+    base_cfg = model_cfg.replace(lora_rank=0)
+    return quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(base_cfg)))
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
     launched = time.time()
@@ -213,10 +239,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_task = _eval_task(config, task)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab)
-    if model_cfg.quantization:
+    if model_cfg.quantization and not model_cfg.lora_rank:
         raise ValueError(
             f"model quantization={model_cfg.quantization!r} is post-training only: train in float, then run "
-            "python -m t5x_lite.quantize --workdir W --out W_Q (quantization-aware training is not built yet)"
+            "python -m t5x_lite.quantize --workdir W --out W_Q; or train with --config.quantization (quantization-"
+            "aware training), or add lora_rank > 0 for LoRA adapters on the quantized base (QLoRA)"
         )
     if config.pack and model_cfg.attention_kernel != "einsum":
         raise ValueError(
@@ -296,7 +323,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             params = checkpoints.load_params(config.init_from)
             source = f"the checkpoint in {config.init_from}"
             if model_cfg.lora_rank and not lora.holds_adapters(params):  # a base model: adapters start fresh
-                network.check_params_match(model_cfg.replace(lora_rank=0), params, source=source)
+                params = _lora_base(model_cfg, params, source)
                 params = lora.insert_base(state.params, params)
             else:
                 network.check_params_match(model_cfg, params, source=source)

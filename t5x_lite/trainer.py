@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from t5x_lite import adafactor, lora, losses, network, partitioning
+from t5x_lite import adafactor, lora, losses, network, partitioning, quantization
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -105,12 +105,10 @@ def state_shardings(
     """``NamedSharding`` of every leaf of the ``TrainState`` (a TrainState of shardings): the parameters by the
     logical-axis rules, the optimizer state like its parameters, the step replicated."""
     shardings = partitioning.param_shardings(model_cfg, mesh, rules)
-    # unbox(apply_constraint=False): nn.meta.unbox would add sharding constraints when called under activate().
-    params_shape = jax.tree.map(
-        lambda box: box.unbox(apply_constraint=False),
-        network.abstract_params(model_cfg),
-        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
-    )
+    if model_cfg.quantization:  # QLoRA: the stored tree, quantized base weights as {"qvalue", "scale"} dicts
+        params_shape = network.stored_params(model_cfg)
+    else:
+        params_shape = quantization.unbox_shapes(network.abstract_params(model_cfg))
     return TrainState(
         step=NamedSharding(mesh, PartitionSpec()),
         params=shardings,
@@ -162,7 +160,7 @@ def _forward(
 ) -> jax.Array:
     """Teacher-forced logits (or, with ``return_hidden``, final hidden states) of one (micro)batch."""
     return network.build_model(model_cfg).apply(
-        {"params": params},
+        {"params": network.runtime_params(model_cfg, params)},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         batch["decoder_target_tokens"],
@@ -313,8 +311,6 @@ def train_step(
             teacher_logits = jax.lax.stop_gradient(_forward(distillation.teacher_cfg, teacher_params, microbatch, None))
 
         def loss_sum(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            if model_cfg.lora_rank:  # adapters only: no gradient (and no weight-gradient matmuls) for the base
-                params = lora.freeze_base(params)
             sums = _loss_sums(
                 params,
                 microbatch,
@@ -328,8 +324,14 @@ def train_step(
             )
             return sums["loss"], sums
 
-        (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
-        return sums, grads
+        if not model_cfg.lora_rank:
+            (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+            return sums, grads
+        # LoRA: differentiate with respect to the adapters only (no weight-gradient matmuls for the base); the
+        # base's gradient is zero, and adapters_only gives it no update
+        adapters, rebuild = lora.split(params)
+        (_, sums), adapter_grads = jax.value_and_grad(lambda a: loss_sum(rebuild(a)), has_aux=True)(adapters)
+        return sums, lora.full_gradient(adapter_grads, params)
 
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be a positive integer")

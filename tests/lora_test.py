@@ -9,7 +9,19 @@ import numpy as np
 import optax
 import pytest
 
-from t5x_lite import checkpoints, lora, lora_merge, metrics, network, train, trainer
+from t5x_lite import (
+    checkpoints,
+    evaluation,
+    lora,
+    lora_merge,
+    metrics,
+    models,
+    network,
+    quantization,
+    quantize,
+    train,
+    trainer,
+)
 from tests import tiny_config
 from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL
 
@@ -125,13 +137,110 @@ def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path):
     assert lora_merge.main(["--workdir", lora_dir, "--out", lora_dir]) == 2  # into itself
 
 
+def _stored(params):
+    """Path -> array of a stored (plain dict) parameter tree."""
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+
+
+def test_qlora_zero_adapters_equal_the_quantized_base_and_a_step_moves_the_adapters_only(random_params):
+    ptq_cfg, qlora_cfg = BASE.replace(quantization="int8"), BASE.replace(quantization="int8", lora_rank=2)
+    base = jax.tree.map(jnp.asarray, random_params(BASE))
+    quantized = quantization.quantize_params(base, network.quantized_abstract_params(ptq_cfg))
+    params = lora.insert_base(network.init_params(qlora_cfg, jax.random.key(0)), quantization.to_storage(quantized))
+    # The base is held as int8 values and their scales (a quarter of the float bytes), the adapters in float.
+    dtypes = {name.rsplit("'", 2)[-2]: leaf.dtype for name, leaf in _stored(params).items()}
+    assert dtypes["qvalue"] == np.int8 and dtypes["kernel_lora_a"] == dtypes["kernel_lora_b"] == np.float32
+    encoder, decoder = _tokens(1), _tokens(2)
+    expected = network.build_model(ptq_cfg).apply({"params": quantized}, encoder, decoder)
+    got = network.build_model(qlora_cfg).apply({"params": network.runtime_params(qlora_cfg, params)}, encoder, decoder)
+    np.testing.assert_array_equal(got, expected)  # B = 0: exactly the PTQ model of the base
+
+    optimizer = lora.adapters_only(optax.adam(1e-2))
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    tokens = _tokens(3, (4, 6))
+    batch = {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": tokens,
+        "decoder_loss_weights": jnp.ones((4, 6), jnp.float32),
+    }
+    losses = []
+    for _ in range(3):
+        state, step_metrics = trainer.train_step(
+            state, batch, jax.random.key(0), model_cfg=qlora_cfg, optimizer=optimizer
+        )
+        losses.append(float(step_metrics["loss"]))
+    assert losses[-1] < losses[0]
+    before, after = _stored(params), _stored(state.params)
+    moved = {name: not np.array_equal(before[name], after[name]) for name in before}
+    assert all(change == ("_lora_" in name) for name, change in moved.items())  # int8 base and scales stay put
+    assert sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf)) == 2 * sum(
+        np.size(value) for name, value in before.items() if "_lora_" in name
+    )
+
+
+def test_qlora_from_a_float_base_workdir_then_evaluate_resume_and_merge(tmp_path):
+    base_dir, qlora_dir, merged_dir = (str(tmp_path / name) for name in ("base", "qlora", "merged"))
+    train.train_and_evaluate(_unscanned(6, tmp_path), base_dir)
+    config = _unscanned(6, tmp_path)
+    config.init_from = base_dir
+    config.model_overrides.lora_rank = 2
+    config.quantization = "int8"  # with lora_rank: QLoRA (without it, quantization-aware training)
+    config.learning_rate = 3e-2
+    config.log_every_steps = 1
+    train.train_and_evaluate(config, qlora_dir)
+    loaded = evaluation.load_workdir(qlora_dir)
+    assert loaded.model_cfg.quantization == "int8" and loaded.model_cfg.lora_rank == 2 and not loaded.model_cfg.qat
+    # The checkpoint holds the base as PTQ quantizes the float base, untouched by training, and the adapters.
+    base_cfg = loaded.model_cfg.replace(lora_rank=0)
+    quantized_base = quantization.quantize_params(
+        checkpoints.load_params(base_dir), network.quantized_abstract_params(base_cfg)
+    )
+    stored, expected = _stored(quantization.to_storage(loaded.params)), _stored(quantization.to_storage(quantized_base))
+    assert all(np.array_equal(stored[name], value) for name, value in expected.items())
+    assert {name for name in stored if name not in expected} == {name for name in stored if "_lora_" in name}
+    kernels = [value for name, value in stored.items() if name.endswith("['kernel']['qvalue']")]
+    assert len(kernels) >= 10 and all(kernel.dtype == np.int8 for kernel in kernels)
+    losses = [row["train/loss"] for row in metrics.read_metrics(qlora_dir) if "train/loss" in row]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    result = evaluation.evaluate_loaded(loaded, split="validation", settings=models.DecodeSettings(), batch_size=4)
+    assert len(result.predictions) > 0
+
+    config.num_train_steps = 7  # resume: base and adapters come back from the checkpoint
+    train.train_and_evaluate(config, qlora_dir)
+    assert [row["step"] for row in metrics.read_metrics(qlora_dir) if "train/loss" in row][-1] == 7
+
+    lora_merge.merge_workdir(qlora_dir, merged_dir)
+    merged = evaluation.load_workdir(merged_dir)
+    assert merged.model_cfg.quantization == "" and merged.model_cfg.lora_rank == 0
+    resumed = evaluation.load_workdir(qlora_dir)
+    encoder, decoder = _tokens(1, (2, 6)) % 30 + 2, _tokens(2, (2, 6)) % 30 + 2
+    adapted = network.build_model(resumed.model_cfg).apply({"params": resumed.params}, encoder, decoder)
+    folded = network.build_model(merged.model_cfg).apply({"params": merged.params}, encoder, decoder)
+    np.testing.assert_allclose(folded, adapted, atol=1e-4, rtol=1e-4)  # merged = dequantized base + A @ B
+
+
+def test_qlora_refuses_a_base_quantized_with_another_scheme(tmp_path):
+    base_dir = str(tmp_path / "base")
+    train.train_and_evaluate(_unscanned(2, tmp_path), base_dir)
+    quantize.quantize_workdir(base_dir, str(tmp_path / "base_fp8"), scheme="fp8")
+    config = _unscanned(2, tmp_path)
+    config.init_from = str(tmp_path / "base_fp8")
+    config.model_overrides.lora_rank = 2
+    config.quantization = "int8"
+    with pytest.raises(ValueError, match="is quantized to float8_e4m3fn; --config.quantization=int8 needs int8"):
+        train.train_and_evaluate(config, str(tmp_path / "qlora"))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
         (dict(lora_rank=-1), "lora_rank=-1 must be a non-negative integer"),
         (dict(lora_rank=2, lora_alpha=0.0), "lora_alpha=0.0 must be positive"),
-        (dict(lora_rank=2, scan_layers=True), "adapters need the unscanned float model"),
-        (dict(lora_rank=2, quantization="int8"), "adapters need the unscanned float model"),
+        (dict(lora_rank=2, scan_layers=True), "adapters need the unscanned model"),
+        (dict(lora_rank=2, quantization="int4"), "quantization scheme 'int4' is unknown"),
     ],
 )
 def test_bad_lora_settings(changes, message):
