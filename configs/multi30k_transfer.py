@@ -33,7 +33,16 @@ import ml_collections
 
 from t5x_lite.config_files import check_choice, load_config, parse_options
 
-OPTIONS = {"init_from": "", "tgt": "fr", "lora_rank": 0, "lora_alpha": 0.0, "steps": 1500, "lr": 0.0, "seed": 1}
+OPTIONS = {
+    "init_from": "",
+    "tgt": "fr",
+    "lora_rank": 0,
+    "lora_alpha": 0.0,
+    "lora_output": False,
+    "steps": 1500,
+    "lr": 0.0,
+    "seed": 1,
+}
 MULTI30K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi30k.py")
 
 
@@ -51,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = f"multi30k_en{tgt}_tok"
     config.init_from = options["init_from"]
     config.model_overrides.lora_rank = rank
+    config.model_overrides.lora_output = bool(options["lora_output"])
     if options["lora_alpha"]:
         config.model_overrides.lora_alpha = options["lora_alpha"]
     config.learning_rate = options["lr"] or (5e-3 if rank else 1e-3)

@@ -335,6 +335,35 @@ class Checkpointer:
         return restored[STATE], dict(restored[DATA] or {}), dict(restored[CONFIG] or {})
 
 
+def _saved_model(root: Any) -> tuple[Any, dict[str, Any]]:
+    """(``TransformerConfig``, train config dict) of the workdir ``root`` from its ``config.json``."""
+    from t5x_lite import network
+
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: this checkpoint needs it to know its model")
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    return network.TransformerConfig.from_dict(saved["model"]), saved.get("config", {})
+
+
+def _with_lora_base(root: Any, params: Any) -> Any:
+    """A LoRA run's checkpoint holds its adapters only: add the base weights from the run's ``init_from``.
+    Anything else passes through."""
+    from t5x_lite import lora, network
+
+    if not lora.holds_adapters_only(params):
+        return params
+    cfg, config = _saved_model(root)
+    base_dir = config.get("init_from", "")
+    if not base_dir or not fileio.workdir_path(base_dir).is_dir():
+        raise FileNotFoundError(
+            f"{root} holds LoRA adapters only; their base model, init_from={base_dir!r} in its config.json, is not a "
+            "directory: restore that workdir (or point config.json's init_from at a copy of it)"
+        )
+    base = network.lora_base_params(cfg, load_params(base_dir), f"the base model {base_dir} of {root}")
+    return lora.with_adapters(base, params)
+
+
 def _rebuild_quantized(root: Any, params: Any) -> Any:
     """A quantized workdir (``t5x_lite.quantize``) stores ``{qvalue, scale}`` dicts: rebuild the Qwix tree that
     its model (``config.json``'s ``model.quantization``) applies. Float checkpoints pass through."""
@@ -342,10 +371,7 @@ def _rebuild_quantized(root: Any, params: Any) -> Any:
 
     if not quantization.holds_quantized(params):
         return params
-    config_path = root / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing: a quantized checkpoint needs it to know its model")
-    cfg = network.TransformerConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8"))["model"])
+    cfg, _ = _saved_model(root)
     if not cfg.quantization:
         raise ValueError(f"{root} holds quantized weights but config.json's model.quantization is empty")
     return network.runtime_params(cfg, params)
@@ -381,7 +407,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None) -> Any:
                     restored = reader.restore(os.path.join(checkpointer._step_dir(step), STATE), args=args)
             except Exception as error:  # noqa: BLE001
                 raise checkpointer._corrupt(step, error) from None
-            return _rebuild_quantized(root, restored["params"])
+            return _rebuild_quantized(root, _with_lora_base(root, restored["params"]))
         finally:
             checkpointer.close()
     if (root / CONVERTED_PARAMS_DIR).is_dir() and (root / CONVERTED_CONFIG_FILE).is_file():

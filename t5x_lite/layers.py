@@ -130,7 +130,10 @@ class Embed(nn.Module):
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""
-        return jnp.einsum("...d,vd->...v", jnp.asarray(query, self.dtype), jnp.asarray(self.embedding, self.dtype))
+        # dot_general, not einsum: Qwix's LoRA einsum path cannot record its adapter on a module built in setup
+        query = jnp.asarray(query, self.dtype)
+        contract = (((query.ndim - 1,), (1,)), ((), ()))
+        return jax.lax.dot_general(query, jnp.asarray(self.embedding, self.dtype), contract)
 
 
 class RMSNorm(nn.Module):

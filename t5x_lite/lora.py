@@ -17,6 +17,7 @@ float; a quarter of the base's float bytes in memory and on disk.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,27 +43,30 @@ def check(rank: int, alpha: float | None) -> None:
 
 
 def wrap(
-    model: nn.Module, rank: int, alpha: float | None = None, scheme: str = "", quantize_embeddings: bool = True
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    scheme: str = "",
+    quantize_embeddings: bool = True,
+    *,
+    output: bool = False,
 ) -> nn.Module:
-    """``model`` with rank-``rank`` adapters on its attention and MLP weights (scale ``alpha / rank``); with a
-    quantization ``scheme`` (QLoRA) the base weights are applied quantized, as ``quantization.wrap`` applies them."""
+    """``model`` with rank-``rank`` adapters on its attention and MLP weights (scale ``alpha / rank``), and with
+    ``output`` on its output projection too; with a quantization ``scheme`` (QLoRA) the base weights are applied
+    quantized, as ``quantization.wrap`` applies them."""
     check(rank, alpha)
     weight_qtype, act_qtype = quantization.SCHEMES[scheme] if scheme else (None, None)
     embedding_qtype = weight_qtype if quantize_embeddings else None
-    provider = qwix.LoraProvider(
-        [
-            # the token table (shared, or per stack) and an untied output projection keep no adapter: the first
-            # matching rule wins (quantized under QLoRA unless quantize_embeddings=False)
-            qwix.QuantizationRule(module_path=EMBEDDING_MODULES, weight_qtype=embedding_qtype, act_qtype=act_qtype),
-            qwix.LoraRule(
-                module_path=".*",
-                rank=rank,
-                alpha=float(alpha or rank),
-                weight_qtype=weight_qtype,
-                act_qtype=act_qtype,
-            ),
-        ]
+    adapter = functools.partial(qwix.LoraRule, rank=rank, alpha=float(alpha or rank), act_qtype=act_qtype)
+    # The token table (shared, or per stack) and an untied output projection: the first matching rule wins. Their
+    # only matmul is the output projection (a lookup is a gather, which Qwix leaves alone), so an adapter there
+    # changes the logits and not the embeddings of the input tokens.
+    embeddings = (
+        adapter(module_path=EMBEDDING_MODULES, weight_qtype=embedding_qtype)
+        if output
+        else qwix.QuantizationRule(module_path=EMBEDDING_MODULES, weight_qtype=embedding_qtype, act_qtype=act_qtype)
     )
+    provider = qwix.LoraProvider([embeddings, adapter(module_path=".*", weight_qtype=weight_qtype)])
     return qwix.apply_lora_to_model(model, provider, methods=METHODS)
 
 
@@ -108,6 +112,24 @@ def adapters_only(optimizer: optax.GradientTransformation) -> optax.GradientTran
 def holds_adapters(params: Any) -> bool:
     """Whether a parameter tree holds LoRA factors (a LoRA run's checkpoint, not a base model's)."""
     return any(is_adapter(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def adapters_of(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The LoRA factors of ``tree`` (nested dicts) at their places, nothing else: what a LoRA run's checkpoints
+    hold (the base is read back from its ``init_from``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key.endswith(ADAPTER_SUFFIXES):
+            out[key] = value
+        elif isinstance(value, Mapping) and (inner := adapters_of(value)):
+            out[key] = inner
+    return out
+
+
+def holds_adapters_only(params: Any) -> bool:
+    """Whether ``params`` holds LoRA factors and nothing else (a LoRA checkpoint without its base)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return bool(flat) and all(is_adapter(path) for path, _ in flat)
 
 
 def without_adapters(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,9 +178,35 @@ def insert_base(params: Any, base: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_map_with_path(take, params)
 
 
+def untie_output_adapter(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> tuple[dict, bool]:
+    """A tied token table with an output adapter (``lora_output``) cannot absorb it: the table also embeds the input
+    tokens. Returns ``params`` with the adapter folded into an untied ``decoder/logits_dense`` kernel
+    (``table.T + A @ B * alpha / rank``) and the table left as it is, and whether it did so (the merged model then
+    has ``tie_word_embeddings=False``)."""
+    out = dict(params)
+    decoder = dict(out.get("decoder", {}))
+    holder = "token_embedder" if "embedding_lora_a" in out.get("token_embedder", {}) else None
+    if holder is None and "embedding_lora_a" in decoder.get("token_embedder", {}):
+        holder = "decoder"
+    if holder is None:
+        return out, False
+    table = dict(out["token_embedder"] if holder == "token_embedder" else decoder["token_embedder"])
+    a, b = table.pop("embedding_lora_a"), table.pop("embedding_lora_b")
+    embedding = jnp.asarray(table["embedding"])
+    delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * (float(alpha or rank) / rank)
+    decoder["logits_dense"] = {"kernel": (embedding.T.astype(jnp.float32) + delta).astype(embedding.dtype)}
+    if holder == "token_embedder":
+        out["token_embedder"] = table
+    else:
+        decoder["token_embedder"] = table
+    out["decoder"] = decoder
+    return out, True
+
+
 def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> dict[str, Any]:
     """The plain parameters that ``params`` (a LoRA model's) compute: every ``W`` becomes
-    ``W + reshape(A @ B) * alpha / rank`` and the adapters are dropped. ValueError on factors that do not fit."""
+    ``W + reshape(A @ B) * alpha / rank`` and the adapters are dropped. ValueError on factors that do not fit. (A
+    tied table's output adapter needs ``untie_output_adapter`` first.)"""
     check(rank, alpha)
     scale = float(alpha or rank) / rank
 

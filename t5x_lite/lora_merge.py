@@ -28,7 +28,10 @@ def merge_workdir(
     if not cfg.lora_rank:
         raise ValueError(f"{workdir} is not a LoRA run (its model has lora_rank=0): nothing to merge")
     # QLoRA: the quantized base is dequantized first; the merged model is float (quantize it again if wanted)
-    params = lora.merge(quantization.dequantize_params(loaded.params), cfg.lora_rank, cfg.lora_alpha)
+    params = quantization.dequantize_params(loaded.params)
+    # an output adapter on a tied table becomes an untied output projection (the table still embeds the inputs)
+    params, untied = lora.untie_output_adapter(params, cfg.lora_rank, cfg.lora_alpha)
+    params = lora.merge(params, cfg.lora_rank, cfg.lora_alpha)
     record = {
         "source_workdir": str(fileio.workdir_path(workdir)),
         "source_steps": list(loaded.steps),
@@ -43,7 +46,13 @@ def merge_workdir(
         vocab=loaded.vocab,
         step=loaded.steps[-1],
         params=params,
-        model_changes={"lora_rank": 0, "lora_alpha": None, "quantization": ""},
+        model_changes={
+            "lora_rank": 0,
+            "lora_alpha": None,
+            "lora_output": False,
+            "quantization": "",
+            **({"tie_word_embeddings": False} if untied else {}),
+        },
         record_name="lora_merge",
         record=record,
     )

@@ -86,6 +86,9 @@ class TransformerConfig:
     # every attention and MLP weight; training then updates the adapters only.
     lora_rank: int = 0
     lora_alpha: float | None = None
+    # ... and to the output projection (the tied token table as it computes logits, or logits_dense): the lookup of
+    # input tokens stays as it was. For a new target language the output distribution is what has to move most.
+    lora_output: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -155,6 +158,8 @@ class TransformerConfig:
             fail("lora_rank", str(error))
         if self.lora_rank and self.scan_layers:
             fail("lora_rank", "adapters need the unscanned model (scan_layers=False)")
+        if self.lora_output and not self.lora_rank:
+            fail("lora_output", "adds an adapter to the output projection: set lora_rank > 0 too")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -739,7 +744,9 @@ def build_model(cfg: TransformerConfig) -> nn.Module:
     methods, same parameter paths, quantized weights), or with ``cfg.lora_rank`` its twin with LoRA adapters."""
     model = Transformer(cfg)
     if cfg.lora_rank:  # with cfg.quantization: QLoRA, the base applied quantized
-        return lora.wrap(model, cfg.lora_rank, cfg.lora_alpha, cfg.quantization, cfg.quantize_embeddings)
+        return lora.wrap(
+            model, cfg.lora_rank, cfg.lora_alpha, cfg.quantization, cfg.quantize_embeddings, output=cfg.lora_output
+        )
     if cfg.qat:
         return quantization.wrap_qat(model, cfg.qat, cfg.quantize_embeddings)
     return quantization.wrap(model, cfg.quantization, cfg.quantize_embeddings) if cfg.quantization else model
@@ -759,7 +766,7 @@ def init_variables(cfg: TransformerConfig, rng: jax.Array, encoder_tokens: jax.A
     traces the einsum path: shapes and initial values then come out on any backend, a cuDNN config's on a CPU too."""
     model = Transformer(cfg.replace(attention_kernel="einsum"))
     if cfg.lora_rank:  # the adapters are created by Qwix's interception, on the wrapped model's first call
-        model = lora.wrap(model, cfg.lora_rank, cfg.lora_alpha)
+        model = lora.wrap(model, cfg.lora_rank, cfg.lora_alpha, output=cfg.lora_output)
     return model.init(rng, encoder_tokens, decoder_tokens)
 
 
@@ -827,6 +834,30 @@ def runtime_params(cfg: TransformerConfig, params: Any) -> Any:
     # under a mesh), then the adapters, which are plain arrays, put back
     base = quantization.from_storage(params, quantized_abstract_params(cfg.replace(lora_rank=0)))
     return lora.with_adapters(base, params) if cfg.lora_rank else base
+
+
+def lora_base_params(model_cfg: TransformerConfig, params: Any, source: str) -> Any:
+    """An ``init_from`` base model's parameters as a LoRA run holds them: float, or for QLoRA quantized and stored
+    as ``{"qvalue", "scale"}`` dicts (a float base is quantized here; a ``t5x_lite.quantize`` workdir of the same
+    scheme is taken as it is)."""
+    if quantization.is_quantized_tree(params):
+        if not model_cfg.quantization:
+            raise ValueError(f"{source} is quantized: LoRA on it needs the same --config.quantization (QLoRA)")
+        stored = quantization.to_storage(params)
+        expected = quantization.SCHEMES[model_cfg.quantization][0]
+        flat = jax.tree_util.tree_flatten_with_path(stored)[0]
+        found = {str(leaf.dtype) for path, leaf in flat if getattr(path[-1], "key", None) == "qvalue"}
+        if found != {jnp.dtype(expected).name}:
+            raise ValueError(
+                f"{source} is quantized to {', '.join(sorted(found))}; --config.quantization="
+                f"{model_cfg.quantization} needs {jnp.dtype(expected).name}: quantize its float source with that scheme"
+            )
+        return stored
+    check_params_match(model_cfg.replace(lora_rank=0, quantization=""), params, source=source)
+    if not model_cfg.quantization:
+        return params
+    base_cfg = model_cfg.replace(lora_rank=0)
+    return quantization.to_storage(quantization.quantize_params(params, quantized_abstract_params(base_cfg)))
 
 
 def param_logical_axes(cfg: TransformerConfig) -> Any:
@@ -929,9 +960,9 @@ def unscan_params(params: Any, cfg: TransformerConfig) -> Any:
 
 def output_projection(cfg: TransformerConfig, params: Any) -> jax.Array | None:
     """The [d_model, vocab] matrix that maps the decoder's last activations to logits: the (shared or decoder)
-    token embedding transposed when tied, else the ``logits_dense`` kernel. None for a quantized model, whose
-    logits come from its own (quantized) projection."""
-    if cfg.quantization:
+    token embedding transposed when tied, else the ``logits_dense`` kernel. None when the model's own projection
+    computes more than that matrix: quantized, fake-quantized (QAT) or with an output adapter (``lora_output``)."""
+    if cfg.quantization or cfg.qat or cfg.lora_output:
         return None
     if not cfg.tie_word_embeddings:
         return params["decoder"]["logits_dense"]["kernel"]

@@ -20,7 +20,6 @@ import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,7 +37,6 @@ from t5x_lite import (
     network,
     optimizers,
     partitioning,
-    quantization,
     trainer,
 )
 from t5x_lite.data import pipeline
@@ -205,30 +203,6 @@ def show_examples(workdir: str, count: int) -> str:
     return "\n".join(lines).rstrip()
 
 
-def _lora_base(model_cfg: network.TransformerConfig, params: Any, source: str) -> Any:
-    """An ``init_from`` base model's parameters as a LoRA run holds them: float, or for QLoRA quantized and stored
-    as ``{"qvalue", "scale"}`` dicts (a float base is quantized here; a ``t5x_lite.quantize`` workdir of the same
-    scheme is taken as it is)."""
-    if quantization.is_quantized_tree(params):
-        if not model_cfg.quantization:
-            raise ValueError(f"{source} is quantized: LoRA on it needs the same --config.quantization (QLoRA)")
-        stored = quantization.to_storage(params)
-        expected = quantization.SCHEMES[model_cfg.quantization][0]
-        flat = jax.tree_util.tree_flatten_with_path(stored)[0]
-        found = {str(leaf.dtype) for path, leaf in flat if getattr(path[-1], "key", None) == "qvalue"}
-        if found != {jnp.dtype(expected).name}:
-            raise ValueError(
-                f"{source} is quantized to {', '.join(sorted(found))}; --config.quantization="
-                f"{model_cfg.quantization} needs {jnp.dtype(expected).name}: quantize its float source with that scheme"
-            )
-        return stored
-    network.check_params_match(model_cfg.replace(lora_rank=0, quantization=""), params, source=source)
-    if not model_cfg.quantization:
-        return params
-    base_cfg = model_cfg.replace(lora_rank=0)
-    return quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(base_cfg)))
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
     launched = time.time()
@@ -239,6 +213,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_task = _eval_task(config, task)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab)
+    if model_cfg.lora_rank and config.init_from:  # recorded absolute: the adapters-only checkpoints need the base
+        config.init_from = str(fileio.workdir_path(config.init_from))
     if model_cfg.quantization and not model_cfg.lora_rank:
         raise ValueError(
             f"model quantization={model_cfg.quantization!r} is post-training only: train in float, then run "
@@ -309,9 +285,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     shardings = trainer.state_shardings(model_cfg, optimizer, mesh, rules)
     latest = checkpointer.latest_step()
     stopper = EarlyStopping(config.best_metric, config.best_mode, config.get("early_stopping_patience", 0))
+    # LoRA on an init_from base: checkpoints hold the adapters only (and the optimizer state, which is theirs);
+    # resume and checkpoints.load_params read the base back from init_from
+    adapter_checkpoints = bool(model_cfg.lora_rank and config.init_from)
+
+    def saved(tree: trainer.TrainState) -> trainer.TrainState:
+        return tree.replace(params=lora.adapters_of(tree.params)) if adapter_checkpoints else tree
+
     if latest is not None:
         abstract = jax.eval_shape(lambda key: trainer.create_train_state(model_cfg, optimizer, key), jax.random.key(0))
-        state, data_state, _ = checkpointer.restore(latest, abstract_state=abstract, shardings=shardings)
+        state, data_state, _ = checkpointer.restore(latest, abstract_state=saved(abstract), shardings=saved(shardings))
+        if adapter_checkpoints:
+            base = network.lora_base_params(model_cfg, checkpoints.load_params(config.init_from), config.init_from)
+            params = lora.with_adapters(base, state.params)
+            state = state.replace(params=jax.device_put(params, shardings.params))
         data_state = dict(data_state)
         stopper.load(data_state.pop(EarlyStopping.STATE_KEY, None))
         iterator = pipeline.restore_iterator(train_data, data_state)
@@ -323,7 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             params = checkpoints.load_params(config.init_from)
             source = f"the checkpoint in {config.init_from}"
             if model_cfg.lora_rank and not lora.holds_adapters(params):  # a base model: adapters start fresh
-                params = _lora_base(model_cfg, params, source)
+                params = network.lora_base_params(model_cfg, params, source)
                 params = lora.insert_base(state.params, params)
             else:
                 network.check_params_match(model_cfg, params, source=source)
@@ -403,7 +390,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     raise _nonfinite(float(step_metrics["loss"]), done, checkpointer, workdir)  # never save NaNs
                 checkpointer.maybe_save(
                     done,
-                    state,
+                    saved(state),
                     {**pipeline.iterator_state(iterator), EarlyStopping.STATE_KEY: stopper.state()},
                     metrics=last_eval if evaluated else None,
                     force=done == config.num_train_steps or preemption.requested or stop or (evaluated and keep_best),

@@ -188,7 +188,9 @@ def _loss_sums(
     """``losses.cross_entropy`` sums of one (micro)batch; dropout on iff ``dropout_rng`` is given.
     ``loss_chunk_tokens`` > 0 fuses the output projection into the loss (``losses.projected_cross_entropy``);
     ``teacher_logits`` with ``distillation`` give the distillation loss instead."""
-    outputs = _forward(model_cfg, params, batch, dropout_rng, return_hidden=loss_chunk_tokens > 0)
+    # fused only where the projection is a plain matrix (output_projection is None when the model's own computes more)
+    projection = network.output_projection(model_cfg, params) if loss_chunk_tokens > 0 else None
+    outputs = _forward(model_cfg, params, batch, dropout_rng, return_hidden=projection is not None)
     if teacher_logits is not None:
         return losses.distillation_cross_entropy(
             outputs,
@@ -200,10 +202,10 @@ def _loss_sums(
             label_smoothing=label_smoothing,
             z_loss=z_loss,
         )
-    if loss_chunk_tokens > 0:
+    if projection is not None:
         return losses.projected_cross_entropy(
             outputs,
-            network.output_projection(model_cfg, params),
+            projection,
             batch["decoder_target_tokens"],
             batch.get("decoder_loss_weights"),
             label_smoothing=label_smoothing,
@@ -318,7 +320,7 @@ def train_step(
                 dropout_rng,
                 label_smoothing,
                 z_loss,
-                0 if distillation is not None or model_cfg.qat else loss_chunk_tokens,
+                0 if distillation is not None else loss_chunk_tokens,
                 teacher_logits,
                 distillation,
             )

@@ -3,6 +3,8 @@ moves the adapters only (no optimizer state for the base), init_from fills the b
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,38 @@ def test_zero_init_adapters_equal_the_base_model_and_merging_equals_the_adapted_
     np.testing.assert_allclose(merged_out, adapted_out, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("share_embeddings", [True, False])
+def test_an_output_adapter_changes_the_logits_not_the_input_embeddings_and_merges_untied(
+    random_params, share_embeddings
+):
+    base_cfg = BASE.replace(share_embeddings=share_embeddings)
+    base = random_params(base_cfg)
+    adapted_cfg = base_cfg.replace(lora_rank=2, lora_output=True)
+    fresh = lora.insert_base(network.init_params(adapted_cfg, jax.random.key(0)), base)
+    table = fresh["token_embedder"] if share_embeddings else fresh["decoder"]["token_embedder"]
+    assert table["embedding_lora_a"].shape == (16, 2) and table["embedding_lora_b"].shape == (2, 64)
+    encoder, decoder = _tokens(1), _tokens(2)
+    expected = network.build_model(base_cfg).apply({"params": base}, encoder, decoder)
+    np.testing.assert_array_equal(network.build_model(adapted_cfg).apply({"params": fresh}, encoder, decoder), expected)
+    assert network.output_projection(adapted_cfg, fresh) is None  # decoding and the loss go through the adapter
+
+    # Only the output adapter nonzero: the encoder (which reads the same table) computes exactly what it did.
+    only_output = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf + 0.5 if "embedding_lora_b" in jax.tree_util.keystr(path) else leaf, fresh
+    )
+    encode = lambda cfg, params: network.build_model(cfg).apply({"params": params}, encoder, method="encode")  # noqa: E731
+    np.testing.assert_array_equal(encode(adapted_cfg, only_output), encode(base_cfg, base))
+    trained = _with_random_adapters(fresh)
+    adapted_out = network.build_model(adapted_cfg).apply({"params": trained}, encoder, decoder)
+    untied, was_tied = lora.untie_output_adapter(trained, 2)
+    merged = lora.merge(untied, 2)
+    merged_cfg = base_cfg.replace(tie_word_embeddings=False)
+    assert was_tied
+    network.check_params_match(merged_cfg, merged)
+    merged_out = network.build_model(merged_cfg).apply({"params": merged}, encoder, decoder)
+    np.testing.assert_allclose(merged_out, adapted_out, atol=2e-5, rtol=2e-5)
+
+
 def test_a_train_step_moves_the_adapters_only_and_keeps_no_state_for_the_base(random_params):
     cfg = BASE.replace(lora_rank=2)
     params = _with_random_adapters(lora.insert_base(network.init_params(cfg, jax.random.key(0)), random_params(BASE)))
@@ -128,10 +162,18 @@ def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path):
     assert record["lora_rank"] == 2 and record["adapter_params"] == lora.count_adapter_params(tuned)
     merged = checkpoints.load_params(merged_dir)
     assert not lora.holds_adapters(merged)
-    # Resuming the LoRA run is a normal resume: its checkpoint holds base and adapters.
+    # The checkpoints hold the adapters (and their optimizer state) only; load_params and resume add the base.
+    saved = checkpoints.Checkpointer(lora_dir, save_every_steps=1, read_only=True)
+    saved_params = saved.state_metadata()["params"]
+    saved.close()
+    assert lora.holds_adapters_only(saved_params)
     config.num_train_steps = 7
     train.train_and_evaluate(config, lora_dir)
     assert [row["step"] for row in metrics.read_metrics(lora_dir) if "train/loss" in row][-1] == 7
+    os.rename(base_dir, base_dir + "_moved")  # without its base a LoRA run cannot be read: a clear error
+    with pytest.raises(FileNotFoundError, match="holds LoRA adapters only; their base model, init_from=.*base'"):
+        checkpoints.load_params(lora_dir)
+    os.rename(base_dir + "_moved", base_dir)
 
     assert lora_merge.main(["--workdir", base_dir, "--out", str(tmp_path / "x")]) == 2  # not a LoRA run
     assert lora_merge.main(["--workdir", lora_dir, "--out", lora_dir]) == 2  # into itself
@@ -241,6 +283,7 @@ def test_qlora_refuses_a_base_quantized_with_another_scheme(tmp_path):
         (dict(lora_rank=2, lora_alpha=0.0), "lora_alpha=0.0 must be positive"),
         (dict(lora_rank=2, scan_layers=True), "adapters need the unscanned model"),
         (dict(lora_rank=2, quantization="int4"), "quantization scheme 'int4' is unknown"),
+        (dict(lora_output=True), "set lora_rank > 0 too"),
     ],
 )
 def test_bad_lora_settings(changes, message):
