@@ -780,7 +780,7 @@ def initializer(cfg: TransformerConfig, encoder_tokens: jax.Array, decoder_token
     """
     if cfg.lora_rank and cfg.quantization:  # QLoRA: the float base quantized as it is held in training
         float_init = initializer(cfg.replace(quantization=""), encoder_tokens, decoder_tokens)
-        base_abstract = quantized_abstract_params(cfg.replace(lora_rank=0))
+        base_abstract = quantized_abstract_params(without_lora(cfg))
 
         def quantized_init(rng: jax.Array) -> Any:
             params = float_init(rng)
@@ -813,9 +813,14 @@ def quantized_abstract_params(cfg: TransformerConfig) -> Any:
     if not cfg.quantization:
         raise ValueError("quantized_abstract_params needs a config with quantization set")
     if cfg.lora_rank:  # QLoRA: Qwix's tree of the quantized base, and the adapters (float) next to their weights
-        base = quantization.abstract_params(build_model(cfg.replace(lora_rank=0)), _dummy_inputs())
+        base = quantization.abstract_params(build_model(without_lora(cfg)), _dummy_inputs())
         return lora.with_adapters(base, quantization.unbox_shapes(abstract_params(cfg)))
     return quantization.abstract_params(build_model(cfg), _dummy_inputs())
+
+
+def without_lora(cfg: TransformerConfig) -> TransformerConfig:
+    """``cfg``'s base model: the same network without LoRA adapters (a QLoRA model's stays quantized)."""
+    return cfg.replace(lora_rank=0, lora_alpha=None, lora_output=False)
 
 
 def stored_params(cfg: TransformerConfig) -> Any:
@@ -832,7 +837,7 @@ def runtime_params(cfg: TransformerConfig, params: Any) -> Any:
         return params
     # Qwix's tree of the quantized base (computed without adapters: Qwix cannot build a LoRA model's abstract tree
     # under a mesh), then the adapters, which are plain arrays, put back
-    base = quantization.from_storage(params, quantized_abstract_params(cfg.replace(lora_rank=0)))
+    base = quantization.from_storage(params, quantized_abstract_params(without_lora(cfg)))
     return lora.with_adapters(base, params) if cfg.lora_rank else base
 
 
@@ -853,10 +858,10 @@ def lora_base_params(model_cfg: TransformerConfig, params: Any, source: str) -> 
                 f"{model_cfg.quantization} needs {jnp.dtype(expected).name}: quantize its float source with that scheme"
             )
         return stored
-    check_params_match(model_cfg.replace(lora_rank=0, quantization=""), params, source=source)
+    check_params_match(without_lora(model_cfg).replace(quantization=""), params, source=source)
     if not model_cfg.quantization:
         return params
-    base_cfg = model_cfg.replace(lora_rank=0)
+    base_cfg = without_lora(model_cfg)
     return quantization.to_storage(quantization.quantize_params(params, quantized_abstract_params(base_cfg)))
 
 

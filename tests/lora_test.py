@@ -236,7 +236,7 @@ def test_qlora_from_a_float_base_workdir_then_evaluate_resume_and_merge(tmp_path
     loaded = evaluation.load_workdir(qlora_dir)
     assert loaded.model_cfg.quantization == "int8" and loaded.model_cfg.lora_rank == 2 and not loaded.model_cfg.qat
     # The checkpoint holds the base as PTQ quantizes the float base, untouched by training, and the adapters.
-    base_cfg = loaded.model_cfg.replace(lora_rank=0)
+    base_cfg = network.without_lora(loaded.model_cfg)
     quantized_base = quantization.quantize_params(
         checkpoints.load_params(base_dir), network.quantized_abstract_params(base_cfg)
     )

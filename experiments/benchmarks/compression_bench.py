@@ -94,7 +94,7 @@ def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     optimizer = optimizers.make_optimizer(config)
     if cfg.lora_rank:
         optimizer = lora.adapters_only(optimizer)
-    params = loaded.params
+    params = quantization.to_storage(loaded.params) if cfg.quantization else loaded.params  # QLoRA trains on storage
     opt_state = jax.jit(optimizer.init)(params)
     trainable = (
         lora.count_adapter_params(params) if cfg.lora_rank else int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -154,7 +154,7 @@ def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
         "sentences_per_s": len(result.predictions) / seconds,
         "tokens_per_s": tokens / seconds,
     }
-    if not loaded.model_cfg.quantization:  # quantized models are not trained here
+    if not loaded.model_cfg.quantization or loaded.model_cfg.lora_rank:  # PTQ models are not trained; QLoRA is
         row.update(train_cost(loaded, args))
     metric = "tok_bleu" if "tok_bleu" in row["metrics"] else sorted(row["metrics"])[0]
     step = f"  step {row['step_seconds']:.3f} s" if "step_seconds" in row else ""
@@ -171,7 +171,12 @@ def _named_workdirs(specs: list[str]):
     for spec in specs:
         name, _, source = spec.partition("=")
         workdir, _, average = source.partition(":")
-        yield name, load_workdir(workdir, average_last=int(average or 0))
+        yield name, workdir, load_workdir(workdir, average_last=int(average or 0))
+
+
+def checkpoint_bytes(workdir: str, step: int) -> int:
+    """On-disk bytes of the run's own checkpoint at ``step`` (a LoRA run's: its adapters and their Adam state)."""
+    return disk_bytes(os.path.join(workdir, "checkpoints", str(step)))
 
 
 def plot(rows: list, metric: str, args: argparse.Namespace) -> None:
@@ -213,9 +218,11 @@ def main(argv=None) -> None:
                 args.workdir, out, scheme, keep_embeddings=args.keep_embeddings, average_last=args.average_last
             )
         rows.append(measure(scheme + suffix, load_workdir(out), args))
-    rows += [measure(name, loaded, args) for name, loaded in _named_workdirs(args.extra)]
+    rows += [measure(name, loaded, args) for name, _, loaded in _named_workdirs(args.extra)]
     transfer = [
-        measure(name, loaded, args) | {"task": loaded.task.name} for name, loaded in _named_workdirs(args.transfer)
+        measure(name, loaded, args)
+        | {"task": loaded.task.name, "checkpoint_bytes": checkpoint_bytes(workdir, loaded.steps[-1])}
+        for name, workdir, loaded in _named_workdirs(args.transfer)
     ]
     base = rows[0]
     for row in rows:
@@ -255,14 +262,14 @@ def main(argv=None) -> None:
         lines += [
             "",
             f"| fine-tuning run | task | {args.split} {metric} | trainable parameters | optimizer state bytes | "
-            "train step (s) | decoding tokens/s |",
-            "|---|---|---|---|---|---|---|",
+            "checkpoint on disk | train step (s) | decoding tokens/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in transfer:
             lines.append(
                 f"| {row['model']} | {row['task']} | {row['metrics'][metric]:.2f} | {row['trainable_parameters']:,} "
                 f"({100 * row['trainable_parameters'] / row['parameters']:.1f}%) | {row['optimizer_state_bytes']:,} | "
-                f"{_step(row)} | {row['tokens_per_s']:.0f} |"
+                f"{row['checkpoint_bytes']:,} | {_step(row)} | {row['tokens_per_s']:.0f} |"
             )
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
