@@ -7,6 +7,9 @@ Command:   python -m t5x_lite.train --config configs/multi30k_transfer.py:init_f
            python -m t5x_lite.evaluate --workdir workdirs/multi30k_enfr_lora --split test_2016_flickr --beam_size 4 \\
                --alpha 1
            python -m t5x_lite.lora_merge --workdir workdirs/multi30k_enfr_lora --out workdirs/multi30k_enfr_merged
+           # QLoRA (the frozen base held int8), with an adapter on the output projection too:
+           python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,lora_rank=4,\
+               lora_output=True --config.quantization=int8 --workdir workdirs/multi30k_enfr_qlora
 Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
 Time:      not timed on a quiet machine; a train step on a 128 x 32-token batch takes 0.41 s (full) and 0.37 s
            (LoRA, no weight gradients for the frozen base) on the 2-core development machine (QUIET,
@@ -19,10 +22,14 @@ Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py m
 French is spelled in En/De pieces. The task ``multi30k_en{tgt}_tok`` lowercases and Moses-tokenizes the raw files
 on reading, as Multi30k's ``tok/`` files were made (``tok/`` has en and de only). ``lora_rank`` = 0 fine-tunes
 every weight; ``lora_rank`` = R trains rank-R Qwix adapters on every attention and MLP weight (t5x_lite.lora) and
-nothing else: 18,432 x R parameters for Transformer-tiny (rank 4: 3.1% of its 2.36M). ``lr`` = 0 picks 1e-3 for
-full fine-tuning and 5e-3 for LoRA (adapters start at zero and take a larger step).
+nothing else: 18,432 x R parameters for Transformer-tiny (rank 4: 3.1% of its 2.36M); ``lora_output=True`` adds
+one on the output projection (8,320 x R more with the 8,192-row table; rank 4: 4.5% in all). ``lr`` = 0 picks 1e-3
+for full fine-tuning and 5e-3 for LoRA (adapters start at zero and take a larger step). Dropout is 0.1, not the
+from-scratch recipe's 0.3: on En->Fr it gave 33.16 instead of 25.19 validation BLEU (full fine-tuning, greedy) and
+9.49 instead of 4.90 (LoRA rank 4) after 1,000 steps.
 
-Options: ``:init_from=DIR,tgt=fr,lora_rank=0,lora_alpha=0,steps=1500,lr=0,seed=1`` and ``--config.key=value``.
+Options: ``:init_from=DIR,tgt=fr,lora_rank=0,lora_alpha=0,lora_output=False,steps=1500,lr=0,seed=1`` and
+``--config.key=value`` (``--config.quantization=int8`` with ``lora_rank``: QLoRA).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from = options["init_from"]
     config.model_overrides.lora_rank = rank
     config.model_overrides.lora_output = bool(options["lora_output"])
+    config.model_overrides.dropout_rate = 0.1  # better than 0.3 for fine-tuning here, full and LoRA (docstring)
     if options["lora_alpha"]:
         config.model_overrides.lora_alpha = options["lora_alpha"]
     config.learning_rate = options["lr"] or (5e-3 if rank else 1e-3)
