@@ -37,6 +37,17 @@ def _tokens(seed: int, shape=(2, 6)):
     return jax.random.randint(jax.random.key(seed), shape, 2, BASE.vocab_size)
 
 
+def _batch(seed: int, shape=(4, 6)):
+    """A teacher-forced train batch of random tokens (targets = inputs, shifted right for the decoder)."""
+    tokens = _tokens(seed, shape)
+    return {
+        "encoder_input_tokens": tokens,
+        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": tokens,
+        "decoder_loss_weights": jnp.ones(shape, jnp.float32),
+    }
+
+
 def _with_random_adapters(params, scale: float = 0.3):
     """Adapters drawn at random (B nonzero), so that the adapted model differs from the base."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -111,13 +122,7 @@ def test_a_train_step_moves_the_adapters_only_and_keeps_no_state_for_the_base(ra
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     adam_numbers = sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf))
     assert adam_numbers == 2 * lora.count_adapter_params(params)  # mu and nu of the adapters, nothing else
-    tokens = _tokens(3, (4, 6))
-    batch = {
-        "encoder_input_tokens": tokens,
-        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
-        "decoder_target_tokens": tokens,
-        "decoder_loss_weights": jnp.ones((4, 6), jnp.float32),
-    }
+    batch = _batch(3, (4, 6))
     new, step_metrics = trainer.train_step(state, batch, jax.random.key(0), model_cfg=cfg, optimizer=optimizer)
     assert np.isfinite(float(step_metrics["loss"]))
     changed = {
@@ -201,13 +206,7 @@ def test_qlora_zero_adapters_equal_the_quantized_base_and_a_step_moves_the_adapt
 
     optimizer = lora.adapters_only(optax.adam(1e-2))
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    tokens = _tokens(3, (4, 6))
-    batch = {
-        "encoder_input_tokens": tokens,
-        "decoder_input_tokens": jnp.pad(tokens[:, :-1], ((0, 0), (1, 0))),
-        "decoder_target_tokens": tokens,
-        "decoder_loss_weights": jnp.ones((4, 6), jnp.float32),
-    }
+    batch = _batch(3, (4, 6))
     losses = []
     for _ in range(3):
         state, step_metrics = trainer.train_step(
