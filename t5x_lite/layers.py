@@ -111,6 +111,10 @@ class Embed(nn.Module):
     # Quantization-aware training: look rows up in the table as PTQ will store it (per-row int8 scales, rounded),
     # with straight-through gradients. Set for a table that ``attend`` ties to the output projection.
     qat: str = ""
+    # LoRA on the table itself (``TransformerConfig.lora_embed``): the table acts as ``embedding + A @ B * scale``
+    # in lookups and in ``attend`` alike, A [num_embeddings, rank] starting at zero, B [rank, features] random.
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     def setup(self) -> None:
         self.embedding = self.param(
@@ -119,21 +123,58 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
+        if self.lora_rank:
+            shape_a, shape_b = (self.num_embeddings, self.lora_rank), (self.lora_rank, self.features)
+            zeros = nn.initializers.zeros
+            self.embedding_lora_a = self.param(
+                "embedding_lora_a", nn.with_logical_partitioning(zeros, (self.axes[0], None)), shape_a, self.param_dtype
+            )
+            self.embedding_lora_b = self.param(
+                "embedding_lora_b",
+                nn.with_logical_partitioning(self.embedding_init, (None, self.axes[1])),
+                shape_b,
+                self.param_dtype,
+            )
+            self.lora_table = LowRankProduct(self.lora_scale, self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer ids, got dtype {ids.dtype}")
         if quantization.is_quantized(self.embedding):  # int8 rows and their scales (t5x_lite.quantize)
-            return quantization.take_rows(self.embedding, ids, self.dtype)
-        table = quantization.fake_quantize_rows(self.embedding, self.qat) if self.qat else self.embedding
-        return jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+            rows = quantization.take_rows(self.embedding, ids, self.dtype)
+        else:
+            table = quantization.fake_quantize_rows(self.embedding, self.qat) if self.qat else self.embedding
+            rows = jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
+        if self.lora_rank:
+            rows = rows + self.lora_table.rows(jnp.take(self.embedding_lora_a, ids, axis=0), self.embedding_lora_b)
+        return rows
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""
         # dot_general, not einsum: Qwix's LoRA einsum path cannot record its adapter on a module built in setup
         query = jnp.asarray(query, self.dtype)
         contract = (((query.ndim - 1,), (1,)), ((), ()))
-        return jax.lax.dot_general(query, jnp.asarray(self.embedding, self.dtype), contract)
+        logits = jax.lax.dot_general(query, jnp.asarray(self.embedding, self.dtype), contract)
+        if self.lora_rank:
+            logits = logits + self.lora_table.logits(query, self.embedding_lora_a, self.embedding_lora_b)
+        return logits
+
+
+class LowRankProduct(nn.Module):
+    """The matmuls of a token table's adapter (``Embed.lora_rank``), in a module of their own without parameters,
+    so that Qwix's rules (``lora.wrap``) can leave them alone: neither quantized nor given adapters of their own."""
+
+    scale: float
+    dtype: jnp.dtype = jnp.float32
+
+    def rows(self, rows_a: jax.Array, b: jax.Array) -> jax.Array:
+        """``(A @ B)[ids] * scale`` from ``A[ids]``: [..., rank] -> [..., features]."""
+        return jnp.einsum("...r,rf->...f", jnp.asarray(rows_a, self.dtype), jnp.asarray(b, self.dtype)) * self.scale
+
+    def logits(self, query: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        """``query @ (A @ B).T * scale``: [..., features] -> [..., rows of A], through the rank."""
+        low = jnp.einsum("...f,rf->...r", query, jnp.asarray(b, self.dtype))
+        return jnp.einsum("...r,vr->...v", low, jnp.asarray(a, self.dtype)) * self.scale
 
 
 class RMSNorm(nn.Module):

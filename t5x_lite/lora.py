@@ -42,6 +42,11 @@ def check(rank: int, alpha: float | None) -> None:
         raise ValueError(f"lora_alpha={alpha!r} must be positive (the adapters' output is scaled by alpha / rank)")
 
 
+def scale(rank: int, alpha: float | None) -> float:
+    """The factor of every adapter's ``A @ B``: ``alpha / rank`` (alpha None: 1)."""
+    return float(alpha or rank) / rank
+
+
 def wrap(
     model: nn.Module,
     rank: int,
@@ -66,7 +71,9 @@ def wrap(
         if output
         else qwix.QuantizationRule(module_path=EMBEDDING_MODULES, weight_qtype=embedding_qtype, act_qtype=act_qtype)
     )
-    provider = qwix.LoraProvider([embeddings, adapter(module_path=".*", weight_qtype=weight_qtype)])
+    # A token table's own adapter (lora_embed) computes in a parameter-free child module: no rule touches it.
+    untouched = qwix.QuantizationRule(module_path=r"(.*/)?lora_table")
+    provider = qwix.LoraProvider([untouched, embeddings, adapter(module_path=".*", weight_qtype=weight_qtype)])
     return qwix.apply_lora_to_model(model, provider, methods=METHODS)
 
 
@@ -193,7 +200,7 @@ def untie_output_adapter(params: Mapping[str, Any], rank: int, alpha: float | No
     table = dict(out["token_embedder"] if holder == "token_embedder" else decoder["token_embedder"])
     a, b = table.pop("embedding_lora_a"), table.pop("embedding_lora_b")
     embedding = jnp.asarray(table["embedding"])
-    delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * (float(alpha or rank) / rank)
+    delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * scale(rank, alpha)
     decoder["logits_dense"] = {"kernel": (embedding.T.astype(jnp.float32) + delta).astype(embedding.dtype)}
     if holder == "token_embedder":
         out["token_embedder"] = table
@@ -208,7 +215,7 @@ def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> d
     ``W + reshape(A @ B) * alpha / rank`` and the adapters are dropped. ValueError on factors that do not fit. (A
     tied table's output adapter needs ``untie_output_adapter`` first.)"""
     check(rank, alpha)
-    scale = float(alpha or rank) / rank
+    factor = scale(rank, alpha)
 
     def fold(node: Mapping[str, Any], where: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -231,7 +238,7 @@ def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> d
                     f"{where}{key}: adapter factors {list(a.shape)} x {list(b.shape)} do not fit the weight "
                     f"{list(weight.shape)}"
                 )
-            delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * scale
+            delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * factor
             out[key] = (weight.astype(jnp.float32) + delta.reshape(weight.shape)).astype(weight.dtype)
         return out
 

@@ -29,8 +29,11 @@ def merge_workdir(
         raise ValueError(f"{workdir} is not a LoRA run (its model has lora_rank=0): nothing to merge")
     # QLoRA: the quantized base is dequantized first; the merged model is float (quantize it again if wanted)
     params = quantization.dequantize_params(loaded.params)
-    # an output adapter on a tied table becomes an untied output projection (the table still embeds the inputs)
-    params, untied = lora.untie_output_adapter(params, cfg.lora_rank, cfg.lora_alpha)
+    # an output adapter on a tied table becomes an untied output projection (the table still embeds the inputs);
+    # a table's own adapter (lora_embed) folds into the table like any other weight's
+    untied = False
+    if cfg.lora_output and cfg.tie_word_embeddings:
+        params, untied = lora.untie_output_adapter(params, cfg.lora_rank, cfg.lora_alpha)
     params = lora.merge(params, cfg.lora_rank, cfg.lora_alpha)
     record = {
         "source_workdir": str(fileio.workdir_path(workdir)),
@@ -50,6 +53,7 @@ def merge_workdir(
             "lora_rank": 0,
             "lora_alpha": None,
             "lora_output": False,
+            "lora_embed": False,
             "quantization": "",
             **({"tie_word_embeddings": False} if untied else {}),
         },

@@ -89,6 +89,10 @@ class TransformerConfig:
     # ... and to the output projection (the tied token table as it computes logits, or logits_dense): the lookup of
     # input tokens stays as it was. For a new target language the output distribution is what has to move most.
     lora_output: bool = False
+    # ... and to every token table, as a whole (embedding + A @ B * alpha / rank in lookups and in the tied output
+    # projection alike; A [vocab, rank] starts at zero): new tokens get new embeddings. A tied table's adapter
+    # already adapts the output projection, so it does not go with lora_output.
+    lora_embed: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -160,6 +164,10 @@ class TransformerConfig:
             fail("lora_rank", "adapters need the unscanned model (scan_layers=False)")
         if self.lora_output and not self.lora_rank:
             fail("lora_output", "adds an adapter to the output projection: set lora_rank > 0 too")
+        if self.lora_embed and not self.lora_rank:
+            fail("lora_embed", "adds an adapter to the token tables: set lora_rank > 0 too")
+        if self.lora_embed and self.lora_output and self.tie_word_embeddings:
+            fail("lora_output", "the tied table's lora_embed adapter already adapts the output projection: drop one")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -311,6 +319,8 @@ def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
         embedding_init=nn.initializers.normal(stddev=stddev),
         # QAT: PTQ quantizes the table when the tied output projection uses it; lookups then read int8 rows
         qat=cfg.qat if cfg.qat and cfg.quantize_embeddings and cfg.tie_word_embeddings else "",
+        lora_rank=cfg.lora_rank if cfg.lora_embed else 0,
+        lora_scale=lora.scale(cfg.lora_rank, cfg.lora_alpha) if cfg.lora_embed else 1.0,
         name=name,
     )
 
@@ -820,7 +830,7 @@ def quantized_abstract_params(cfg: TransformerConfig) -> Any:
 
 def without_lora(cfg: TransformerConfig) -> TransformerConfig:
     """``cfg``'s base model: the same network without LoRA adapters (a QLoRA model's stays quantized)."""
-    return cfg.replace(lora_rank=0, lora_alpha=None, lora_output=False)
+    return cfg.replace(lora_rank=0, lora_alpha=None, lora_output=False, lora_embed=False)
 
 
 def stored_params(cfg: TransformerConfig) -> Any:
@@ -972,6 +982,11 @@ def output_projection(cfg: TransformerConfig, params: Any) -> jax.Array | None:
     if not cfg.tie_word_embeddings:
         return params["decoder"]["logits_dense"]["kernel"]
     table = params["token_embedder"] if cfg.share_embeddings else params["decoder"]["token_embedder"]
+    if cfg.lora_embed:  # the adapted table, as Embed.attend computes with it
+        return (
+            table["embedding"]
+            + table["embedding_lora_a"] @ table["embedding_lora_b"] * lora.scale(cfg.lora_rank, cfg.lora_alpha)
+        ).T
     return table["embedding"].T
 
 

@@ -115,6 +115,60 @@ def test_an_output_adapter_changes_the_logits_not_the_input_embeddings_and_merge
     np.testing.assert_allclose(merged_out, adapted_out, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("share_embeddings", [True, False])
+def test_a_table_adapter_moves_lookups_and_logits_alike_and_merges_into_the_tied_table(random_params, share_embeddings):
+    base_cfg = BASE.replace(share_embeddings=share_embeddings)
+    base = random_params(base_cfg)
+    adapted_cfg = base_cfg.replace(lora_rank=2, lora_alpha=3.0, lora_embed=True)
+    fresh = lora.insert_base(network.init_params(adapted_cfg, jax.random.key(0)), base)
+    tables = (
+        [fresh["token_embedder"]] if share_embeddings else [fresh[s]["token_embedder"] for s in ("encoder", "decoder")]
+    )
+    for table in tables:  # A [vocab, rank] at zero, B [rank, d_model]
+        assert table["embedding_lora_a"].shape == (16 * 4, 2) and table["embedding_lora_b"].shape == (2, 16)
+        assert not np.any(table["embedding_lora_a"]) and np.any(table["embedding_lora_b"])
+    encoder, decoder = _tokens(1), _tokens(2)
+    expected = network.build_model(base_cfg).apply({"params": base}, encoder, decoder)
+    np.testing.assert_array_equal(network.build_model(adapted_cfg).apply({"params": fresh}, encoder, decoder), expected)
+
+    trained = _with_random_adapters(fresh)
+    model = network.build_model(adapted_cfg)
+    adapted_out = model.apply({"params": trained}, encoder, decoder)
+    encode = lambda cfg, params: network.build_model(cfg).apply({"params": params}, encoder, method="encode")  # noqa: E731
+    assert float(jnp.max(jnp.abs(encode(adapted_cfg, trained) - encode(base_cfg, base)))) > 1e-2  # lookups moved
+    # The fused loss's projection is the adapted table: hidden states times it give the model's logits.
+    hidden = model.apply({"params": trained}, encoder, decoder, return_hidden=True)
+    projected = hidden @ network.output_projection(adapted_cfg, trained)
+    np.testing.assert_allclose(projected, adapted_out, atol=2e-5, rtol=2e-5)
+    # Merging folds A @ B * alpha / rank into each table; the merged model stays tied and computes the same.
+    merged = lora.merge(trained, 2, 3.0)
+    network.check_params_match(base_cfg, merged)
+    np.testing.assert_allclose(
+        network.build_model(base_cfg).apply({"params": merged}, encoder, decoder), adapted_out, atol=2e-5, rtol=2e-5
+    )
+
+
+def test_a_qlora_table_adapter_is_applied_in_float_with_no_adapter_of_its_own(random_params):
+    ptq_cfg = BASE.replace(quantization="int8")
+    qlora_cfg = ptq_cfg.replace(lora_rank=2, lora_embed=True)
+    base = jax.tree.map(jnp.asarray, random_params(BASE))
+    quantized = quantization.quantize_params(base, network.quantized_abstract_params(ptq_cfg))
+    params = lora.insert_base(network.init_params(qlora_cfg, jax.random.key(0)), quantization.to_storage(quantized))
+    names = sorted(name for name in _stored(params) if "_lora_" in name and "token_embedder" in name)
+    assert [name.rsplit("'", 2)[-2] for name in names] == ["embedding_lora_a", "embedding_lora_b"]  # nothing nested
+    trained = _with_random_adapters(params)
+    encoder, decoder = _tokens(1), _tokens(2)
+    got = network.build_model(qlora_cfg).apply({"params": network.runtime_params(qlora_cfg, trained)}, encoder, decoder)
+    # The float model with the same adapters on the dequantized base: int8 weight-only computes x @ (q * scale), so
+    # only float rounding separates them -- unless the adapter's own matmuls were quantized (errors ~1e-2).
+    float_cfg = BASE.replace(lora_rank=2, lora_embed=True)
+    dequantized = quantization.dequantize_params(network.runtime_params(qlora_cfg, trained))
+    expected = network.build_model(float_cfg).apply({"params": dequantized}, encoder, decoder)
+    ptq_out = network.build_model(ptq_cfg).apply({"params": quantized}, encoder, decoder)
+    assert float(jnp.max(jnp.abs(got - ptq_out))) > 1e-2  # the adapters act
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_train_step_moves_the_adapters_only_and_keeps_no_state_for_the_base(random_params):
     cfg = BASE.replace(lora_rank=2)
     params = _with_random_adapters(lora.insert_base(network.init_params(cfg, jax.random.key(0)), random_params(BASE)))
@@ -142,12 +196,14 @@ def _unscanned(steps: int, tmp_path):
     return config
 
 
-def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path):
+@pytest.mark.parametrize("lora_embed", [False, True])
+def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path, lora_embed):
     base_dir, lora_dir, merged_dir = (str(tmp_path / name) for name in ("base", "lora", "merged"))
     train.train_and_evaluate(_unscanned(6, tmp_path), base_dir)
     config = _unscanned(6, tmp_path)
     config.init_from = base_dir
     config.model_overrides.lora_rank = 2
+    config.model_overrides.lora_embed = lora_embed
     config.learning_rate = 3e-2
     config.log_every_steps = 1
     train.train_and_evaluate(config, lora_dir)
@@ -167,6 +223,15 @@ def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path):
     assert record["lora_rank"] == 2 and record["adapter_params"] == lora.count_adapter_params(tuned)
     merged = checkpoints.load_params(merged_dir)
     assert not lora.holds_adapters(merged)
+    tables = [
+        (merged[s]["token_embedder"], base[s]["token_embedder"])
+        for s in ("encoder", "decoder")
+        if "token_embedder" in merged[s]
+    ]
+    tables += [(merged["token_embedder"], base["token_embedder"])] if "token_embedder" in merged else []
+    assert tables and all(
+        np.array_equal(new["embedding"], old["embedding"]) != lora_embed for new, old in tables
+    )  # a table adapter is folded into its table; without one the table is the base's
     # The checkpoints hold the adapters (and their optimizer state) only; load_params and resume add the base.
     saved = checkpoints.Checkpointer(lora_dir, save_every_steps=1, read_only=True)
     saved_params = saved.state_metadata()["params"]
@@ -283,6 +348,8 @@ def test_qlora_refuses_a_base_quantized_with_another_scheme(tmp_path):
         (dict(lora_rank=2, scan_layers=True), "adapters need the unscanned model"),
         (dict(lora_rank=2, quantization="int4"), "quantization scheme 'int4' is unknown"),
         (dict(lora_output=True), "set lora_rank > 0 too"),
+        (dict(lora_embed=True), "set lora_rank > 0 too"),
+        (dict(lora_rank=2, lora_embed=True, lora_output=True), "already adapts the output projection"),
     ],
 )
 def test_bad_lora_settings(changes, message):
@@ -315,3 +382,18 @@ def test_french_transfer_task_reads_like_the_tok_files(shared_data):
         assert record["tok_references"] == [record["targets"]] and record["targets"] == record["targets"].lower()
     assert any(" ." in r["targets"] or "&apos;" in r["targets"] for r in records)  # tokenized French
     assert any(r["references"][0] != r["targets"] for r in records)  # sacreBLEU scores against the raw line
+
+
+def test_ted_transfer_task_is_english_to_german_on_fairseq_tokenized_text(shared_data):
+    from t5x_lite.data.tasks import TaskRegistry
+
+    task = TaskRegistry.get("iwslt14_ende_tok")
+    sizes = {split: len(task.get_source(split, data_dir=str(shared_data))) for split in ("train", "validation", "test")}
+    assert sizes == {"train": 7283, "validation": 4600, "test": 6750}
+    german_to_english = TaskRegistry.get("iwslt14_deen").get_source("test", data_dir=str(shared_data))
+    test = task.get_source("test", data_dir=str(shared_data))
+    for i in (0, 1, 6749):  # the IWSLT14 De->En test set, reversed; lowercased tokenized text, scored as it is
+        assert test[i]["inputs"] == german_to_english[i]["targets"]
+        assert test[i]["targets"] == german_to_english[i]["inputs"]
+        assert test[i]["tok_references"] == [test[i]["targets"]] and test[i]["targets"] == test[i]["targets"].lower()
+    assert task.prefix == "" and task.metrics == ("tok_bleu",)

@@ -137,15 +137,17 @@ def train_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     }
 
 
-def measure(name: str, loaded: LoadedModel, args: argparse.Namespace) -> dict:
+def measure(name: str, loaded: LoadedModel, args: argparse.Namespace, split: str | None = None) -> dict:
+    split = split or args.split
     settings = models.DecodeSettings(beam_size=args.beam_size, alpha=args.alpha)
-    evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.batch_size)  # compile
+    evaluate_loaded(loaded, split, settings, args.batch_size, max_examples=args.batch_size)  # compile
     start = time.perf_counter()
-    result = evaluate_loaded(loaded, args.split, settings, args.batch_size, max_examples=args.max_examples)
+    result = evaluate_loaded(loaded, split, settings, args.batch_size, max_examples=args.max_examples)
     seconds = time.perf_counter() - start
     tokens = sum(len(loaded.vocab.encode(text)) + 1 for text in result.predictions)
     row = {
         "model": name,
+        "split": split,
         "metrics": {k: v for k, v in result.metrics.items()},
         "parameters": count_parameters(quantization.to_storage(loaded.params)),
         "param_bytes": quantization.storage_bytes(quantization.to_storage(loaded.params)),
@@ -172,6 +174,11 @@ def _named_workdirs(specs: list[str]):
         name, _, source = spec.partition("=")
         workdir, _, average = source.partition(":")
         yield name, workdir, load_workdir(workdir, average_last=int(average or 0))
+
+
+def transfer_split(loaded: LoadedModel, split: str) -> str:
+    """The split a transfer run is scored on: ``split`` when its task has it (Multi30k), else ``test`` (TED)."""
+    return split if split in loaded.task.splits else "test"
 
 
 def checkpoint_bytes(workdir: str, step: int) -> int:
@@ -220,7 +227,7 @@ def main(argv=None) -> None:
         rows.append(measure(scheme + suffix, load_workdir(out), args))
     rows += [measure(name, loaded, args) for name, _, loaded in _named_workdirs(args.extra)]
     transfer = [
-        measure(name, loaded, args)
+        measure(name, loaded, args, transfer_split(loaded, args.split))
         | {"task": loaded.task.name, "checkpoint_bytes": checkpoint_bytes(workdir, loaded.steps[-1])}
         for name, workdir, loaded in _named_workdirs(args.transfer)
     ]
@@ -261,13 +268,14 @@ def main(argv=None) -> None:
     if transfer:
         lines += [
             "",
-            f"| fine-tuning run | task | {args.split} {metric} | trainable parameters | optimizer state bytes | "
+            f"| fine-tuning run | task | split | {metric} | trainable parameters | optimizer state bytes | "
             "checkpoint on disk | train step (s) | decoding tokens/s |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in transfer:
             lines.append(
-                f"| {row['model']} | {row['task']} | {row['metrics'][metric]:.2f} | {row['trainable_parameters']:,} "
+                f"| {row['model']} | {row['task']} | {row['split']} | {row['metrics'][metric]:.2f} | "
+                f"{row['trainable_parameters']:,} "
                 f"({100 * row['trainable_parameters'] / row['parameters']:.1f}%) | {row['optimizer_state_bytes']:,} | "
                 f"{row['checkpoint_bytes']:,} | {_step(row)} | {row['tokens_per_s']:.0f} |"
             )
