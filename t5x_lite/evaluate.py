@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from t5x_lite import compile_cache, fileio, models
+from t5x_lite import cli, compile_cache, fileio, models
 from t5x_lite.evaluation import evaluate_loaded, load_workdir
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -125,7 +125,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _cli() -> None:
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

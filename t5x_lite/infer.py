@@ -4,21 +4,22 @@
         --temperature T --top_k K --top_p P] [--checkpoint_step N | --average_last N] [--batch_size 64]
 
 Each input line is one example (the task's prefix is added, as in training); each output line is its decoded
-text, in order, written as soon as its batch is decoded. A progress bar goes to stderr. Inputs longer than the
-task's input length are truncated, and their count is reported.
+text, in order, written as soon as its batch is decoded. A progress bar goes to stderr when it is a terminal.
+Inputs longer than the task's input length are truncated, and their count is reported. The input is read a line
+at a time (bounded memory); a line that is not UTF-8 stops the run with its line number.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from t5x_lite import evaluate, models
+from t5x_lite import cli, evaluate, models
 from t5x_lite.data import preprocessors
 from t5x_lite.evaluation import LoadedModel, load_workdir
 
@@ -26,10 +27,24 @@ _INPUT = flags.DEFINE_string("input", "-", "Text file with one input per line; '
 _OUTPUT = flags.DEFINE_string("output", "-", "Where the outputs go, one line per input; '-' writes stdout.")
 
 
+def read_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """The lines of a byte stream as text, one at a time (bounded memory); a line that is not UTF-8 is a
+    ValueError naming ``name``, the line number and the byte offset within the line."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = raw[error.start : error.start + 4].rstrip(b"\r\n")
+            raise ValueError(
+                f"{name}: line {number} is not valid UTF-8 (byte {error.start} of the line: "
+                f"{bad!r}); convert the file to UTF-8"
+            ) from None
+
+
 def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for line in lines:
-        batch.append(line.rstrip("\n"))
+        batch.append(line.rstrip("\r\n"))
         if len(batch) == size:
             yield batch
             batch = []
@@ -63,6 +78,17 @@ def infer_lines(
 
     counter = preprocessors.TruncationCounter()
     bar = tqdm(desc="infer", unit="line", disable=not progress, file=sys.stderr)
+    try:
+        _decode_into(loaded, lines, out, settings, batch_size, counter, bar)
+    except BaseException:
+        bar.leave = False  # an error message follows: the bar clears its line
+        raise
+    finally:
+        bar.close()
+    return counter
+
+
+def _decode_into(loaded, lines, out, settings, batch_size, counter, bar) -> None:
     for texts in _batches(lines, batch_size):
         tokens = encode_inputs(loaded, texts, batch_size, counter)
         decoded, _ = models.predict_batch(
@@ -78,8 +104,6 @@ def infer_lines(
             out.write(loaded.task.postprocess(text).replace("\n", " ") + "\n")
         out.flush()
         bar.update(len(texts))
-    bar.close()
-    return counter
 
 
 def main(argv: Sequence[str]) -> None:
@@ -98,12 +122,14 @@ def main(argv: Sequence[str]) -> None:
         average_last=evaluate._AVERAGE.value,
         task=evaluate._TASK.value,
     )
-    source = sys.stdin if _INPUT.value == "-" else open(_INPUT.value, encoding="utf-8")  # noqa: SIM115
+    source = sys.stdin.buffer if _INPUT.value == "-" else open(_INPUT.value, "rb")  # noqa: SIM115
     sink = sys.stdout if _OUTPUT.value == "-" else open(_OUTPUT.value, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        counter = infer_lines(loaded, source, sink, settings, batch_size=evaluate._BATCH.value, progress=True)
+        lines = read_lines(source, "stdin" if _INPUT.value == "-" else _INPUT.value)
+        progress = sys.stderr.isatty()  # a bar in a terminal; none in logs and pipes
+        counter = infer_lines(loaded, lines, sink, settings, batch_size=evaluate._BATCH.value, progress=progress)
     finally:
-        if source is not sys.stdin:
+        if source is not sys.stdin.buffer:
             source.close()
         if sink is not sys.stdout:
             sink.close()
@@ -113,7 +139,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _cli() -> None:
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

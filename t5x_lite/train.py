@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 import zlib
 from typing import Any
@@ -26,6 +25,7 @@ from ml_collections import config_flags
 
 from t5x_lite import (
     checkpoints,
+    cli,
     compile_cache,
     config_files,
     fileio,
@@ -523,9 +523,8 @@ def main(argv: list[str]) -> None:
     partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         final = train_and_evaluate(config, workdir)
-    except (TrainingError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except TrainingError as error:  # bad input (ValueError, a missing file) is cli.run's to report
+        cli.fail(str(error))
     if final:
         print("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
         if jax.process_index() == 0 and config.get("show_examples", 3):
@@ -536,7 +535,7 @@ def _cli() -> None:
     jax.config.parse_flags_with_absl()
     # Collectives between processes' CPU devices (multi-process CPU runs); no effect on GPU/TPU devices.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

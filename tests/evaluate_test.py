@@ -227,3 +227,33 @@ def test_a_workdir_trained_with_cudnn_attention_evaluates_anywhere(trained, tmp_
         json.dump(saved, f)
     loaded = evaluation.load_workdir(copy, task="synthetic_numbers")
     assert loaded.model_cfg.attention_kernel == "einsum" and loaded.model_cfg.dtype == "bfloat16"
+
+
+def test_infer_and_evaluate_on_bad_input(trained, tmp_path):
+    """Empty lines and a 1 MB line decode (the long one truncated, with a count); a line that is not UTF-8, a
+    missing workdir or input file: one line naming what was wrong, exit status 2."""
+    workdir, _ = trained
+    common = ["--workdir", workdir, "--task", "synthetic_numbers", "--batch_size", "4"]
+    lines = ["twenty one", "", "three", "   ", "seven " * 175_000, "forty two"]
+    assert len(lines[4]) > 1_000_000
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = _run("t5x_lite.infer", *common, "--input", str(good))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == len(lines)  # one output per input, empty ones included
+    assert "inputs longer than the task's 32 tokens:" in done.stderr and "1 of 6" in done.stderr
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("one\ntwo\ndrei Stra\u00dfen\nfour\n".encode("latin-1"))
+    missing = str(tmp_path / "no_such_run")
+    for module, args, message in [
+        ("t5x_lite.infer", [*common, "--input", str(bad)], f"{bad}: line 3 is not valid UTF-8 (byte 9 of the line"),
+        ("t5x_lite.infer", [*common, "--input", str(tmp_path / "none.txt")], "No such file or directory"),
+        ("t5x_lite.infer", ["--workdir", missing], missing),
+        ("t5x_lite.evaluate", ["--workdir", missing], missing),
+    ]:
+        done = _run(module, *args)
+        # what a terminal shows: each line as its last carriage return left it (the progress bar clears itself)
+        lines_out = [line.split("\r")[-1] for line in done.stderr.splitlines() if line.split("\r")[-1].strip()]
+        assert done.returncode == 2 and len(lines_out) == 1, (module, args, done.stderr[-3000:])
+        assert lines_out[0].startswith("error: ") and message in lines_out[0], lines_out

@@ -147,3 +147,37 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     loss = lambda workdir: [r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
     np.testing.assert_allclose(loss(tmp_path / "two"), loss(tmp_path / "one"), rtol=1e-5)
     assert len(loss(tmp_path / "one")) == 10
+
+
+BAD_CONFIGS = [  # (arguments, what the one-line error says)
+    (["--config.learning_rat=0.1"], "--config.learning_rat: the config has no key 'learning_rat' (did you mean"),
+    (["--config.model_overrides.d_modl=8"], "--config.model_overrides.d_modl: the config has no key 'd_modl'"),
+    (["--config.learning_rate=fast"], "flag --config.learning_rate=fast: could not convert string to float"),
+    (["--config.num_train_steps=1.5"], "flag --config.num_train_steps=1.5: invalid literal for int()"),
+    (["--config.model_overrides.d_model=-8"], "TransformerConfig.d_model=-8: must be a positive integer"),
+]
+
+
+def test_bad_config_input_is_one_line_and_exit_status_2(tmp_path):
+    """A mistyped key, a wrong value type, a config file that raises, an unknown config option, a missing config
+    file: each one line on stderr, status 2, and nothing compiled (no checkpoints, no metrics)."""
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise RuntimeError('no such dataset on this machine')\n")
+    cases = [(_command(tmp_path / "run", "steps=2", *args), message) for args, message in BAD_CONFIGS] + [
+        (
+            [sys.executable, "-m", "t5x_lite.train", f"--config={raising}", f"--workdir={tmp_path / 'run'}"],
+            f"the config file {raising} raised RuntimeError: no such dataset on this machine",
+        ),
+        (_command(tmp_path / "run", "stepz=2"), "tiny_config.py: unknown options ['stepz']"),
+        (
+            [sys.executable, "-m", "t5x_lite.train", "--config=configs/missing.py", f"--workdir={tmp_path / 'run'}"],
+            "--config: [Errno 2] No such file or directory: 'configs/missing.py'",
+        ),
+    ]
+    env = _env(tmp_path)
+    for command, message in cases:
+        done = _run(command + [_cache(tmp_path)], env, timeout=120)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (command, done.stderr)
+        assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
