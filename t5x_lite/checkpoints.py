@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,60 @@ VOCAB_DIR = "vocab"
 STATE, DATA, CONFIG = "state", "data", "config"
 CONVERTED_PARAMS_DIR = "params"  # convert.save_converted layout: WORKDIR/params + WORKDIR/model_config.json
 CONVERTED_CONFIG_FILE = "model_config.json"
+CHECKSUMS_FILE = "checksums.json"  # in each <step>/: sha256 and size of every file of the step, once it is complete
+CORRUPT_DIR = "checkpoints.corrupt"  # WORKDIR/checkpoints.corrupt/<step>: damaged steps moved aside on resume
+
+
+class CorruptCheckpointError(ValueError):
+    """A saved step that cannot be read back as written (missing, truncated or altered files)."""
+
+
+def _file_digests(directory: str) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every file under ``directory`` except the manifest itself."""
+    import hashlib
+
+    out: dict[str, list[Any]] = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            if relative == CHECKSUMS_FILE:
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[relative] = [os.path.getsize(path), digest.hexdigest()]
+    return dict(sorted(out.items()))
+
+
+def write_checksums(step_dir: str) -> None:
+    """Write ``step_dir/checksums.json`` (atomically) for a complete step: Orbax checks structure, not contents, so
+    a flipped byte in array data would otherwise load as a wrong value without any error."""
+    data = json.dumps({"sha256": _file_digests(step_dir)}, indent=0).encode()
+    fileio.write_bytes_atomic(os.path.join(step_dir, CHECKSUMS_FILE), data)
+
+
+def verify_checksums(step_dir: str) -> bool:
+    """Compare ``step_dir`` with its manifest; CorruptCheckpointError naming the first file that is missing or
+    differs. False when the step has no manifest (written before manifests, or killed before writing it)."""
+    manifest = os.path.join(step_dir, CHECKSUMS_FILE)
+    if not os.path.isfile(manifest):
+        return False
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            expected = json.load(f)["sha256"]
+    except (ValueError, KeyError, OSError) as error:
+        raise CorruptCheckpointError(f"{manifest} is unreadable ({error})") from None
+    actual = _file_digests(step_dir)
+    for relative, (size, digest) in expected.items():
+        if relative not in actual:
+            raise CorruptCheckpointError(f"{relative} is missing")
+        if actual[relative][0] != size:
+            raise CorruptCheckpointError(f"{relative} has {actual[relative][0]} bytes, {size} were written")
+        if actual[relative][1] != digest:
+            raise CorruptCheckpointError(f"{relative} does not match its checksum (altered on disk)")
+    return True
 
 
 class _DropReadOnlyNotice(logging.Filter):
@@ -144,6 +199,7 @@ class Checkpointer:
             raise ValueError(f"keep={keep} must be >= 1 (the latest checkpoint is what a resume needs)")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'")
+        self._read_only = read_only
         self.workdir = str(fileio.workdir_path(workdir))  # a local path made absolute, or a bucket URL
         self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
         self.save_every_steps = save_every_steps
@@ -207,6 +263,7 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
+        self.wait()  # the previous save is complete (Orbax would wait for it anyway): its manifest goes first
         metrics = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
         saved = self._manager.save(
             step,
@@ -223,12 +280,25 @@ class Checkpointer:
         return bool(saved)
 
     def wait(self) -> None:
-        """Block until background saves are on disk (and old checkpoints deleted per the keep policy)."""
+        """Block until background saves are on disk (and old checkpoints deleted per the keep policy), then write
+        the checksum manifest of each complete step that lacks one."""
         self._manager.wait_until_finished()
+        self._write_missing_checksums()
 
     def close(self) -> None:
         """Wait for pending saves and release orbax's threads."""
+        self.wait()
         self._manager.close()
+
+    def _write_missing_checksums(self) -> None:
+        # process 0 alone (the files of all processes are on the shared filesystem once the save is complete);
+        # local workdirs only: hashing a bucket's objects would mean reading them back
+        if self._read_only or fileio.is_url(self.directory) or jax.process_index() != 0:
+            return
+        for step in self._manager.all_steps():
+            step_dir = self._step_dir(step)
+            if os.path.isdir(step_dir) and not os.path.exists(os.path.join(step_dir, CHECKSUMS_FILE)):
+                write_checksums(step_dir)
 
     # ---------------------------------------------------------------------------------------------------------
     # Restoring.
@@ -266,10 +336,10 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - any orbax/tensorstore failure means an unreadable step
             raise self._corrupt(step, error) from None
 
-    def _corrupt(self, step: int, error: BaseException) -> ValueError:
+    def _corrupt(self, step: int, error: BaseException) -> CorruptCheckpointError:
         earlier = [s for s in self.all_steps() if s < step]
         hint = f"restore an earlier step with restore(step={earlier[-1]})" if earlier else "no earlier step exists"
-        return ValueError(
+        return CorruptCheckpointError(
             f"checkpoint {self._step_dir(step)} is corrupt or incomplete ({_first_line(error)}); delete it or {hint}"
         )
 
@@ -305,6 +375,11 @@ class Checkpointer:
         Without either, the state is restored as saved (dict tree) onto the first local device.
         """
         step = self._resolve_step(step)
+        if not fileio.is_url(self.directory):
+            try:
+                verify_checksums(self._step_dir(step))
+            except CorruptCheckpointError as error:
+                raise self._corrupt(step, error) from None
         if abstract_state is None:
             target = _single_device_abstract(self.state_metadata(step))
         else:
@@ -333,6 +408,51 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
             raise self._corrupt(step, error) from None
         return restored[STATE], dict(restored[DATA] or {}), dict(restored[CONFIG] or {})
+
+    def move_aside(self, step: int) -> str:
+        """Move a damaged step out of ``checkpoints/`` into ``WORKDIR/checkpoints.corrupt/<step>[.N]`` (kept for a
+        post-mortem, never deleted) so that it stops being the latest; returns where it went."""
+        target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            suffix = 0
+            while os.path.exists(target + (f".{suffix}" if suffix else "")):
+                suffix += 1
+            target += f".{suffix}" if suffix else ""
+            os.rename(self._step_dir(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"t5x_lite moved checkpoint {step} aside")
+        self._manager.reload()
+        return target
+
+    def restore_latest_good(
+        self, abstract_state: Any = None, shardings: Any = None
+    ) -> tuple[int, tuple[Any, dict[str, Any], dict[str, Any]]] | None:
+        """``(step, restore(step))`` of the newest step that reads back intact, or None without checkpoints. Each
+        newer damaged step is reported with a warning naming it and moved aside (``move_aside``); when every step
+        is damaged, a CorruptCheckpointError (a run never restarts from scratch on its own)."""
+        if fileio.is_url(self.directory):  # no moving of bucket objects: the latest step or its error
+            latest = self.latest_step()
+            return None if latest is None else (latest, self.restore(latest, abstract_state, shardings))
+        moved: list[str] = []
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.restore(step, abstract_state, shardings)
+            except CorruptCheckpointError as error:
+                where = self.move_aside(step)
+                moved.append(where)
+                message = f"{error}; moved it to {where} and trying the previous step"
+                logging.warning(message)
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+        if moved:
+            raise CorruptCheckpointError(
+                f"every checkpoint in {self.directory} is damaged (moved to {', '.join(moved)}); "
+                "the run does not start again from scratch on its own: remove --workdir's checkpoints.corrupt "
+                "entries you do not need and start a fresh run in another --workdir"
+            )
+        return None
 
 
 def _saved_model(root: Any) -> tuple[Any, dict[str, Any]]:

@@ -267,6 +267,29 @@ class MetricWriter:
         self._tensorboard.flush()
         self._events.sync()
 
+    def rewind(self, step: int) -> int:
+        """A run resumed from the checkpoint of ``step``: the rows that a killed run wrote after that checkpoint
+        (later steps, an earlier launch marker at ``step``, a half-written last line) are moved from metrics.jsonl
+        to metrics.superseded.jsonl, so that each step is logged once and nothing is lost. Returns how many moved."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        kept, superseded = [], []
+        for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                at = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                superseded.append(line.rstrip("\n") + "\n")  # a line cut short by the kill
+                continue
+            launch_marker = set(row) == {"step", "perf/launched"}
+            (superseded if at > step or (at == step and launch_marker) else kept).append(line)
+        if superseded:
+            fileio.append_text(self.path.with_name("metrics.superseded.jsonl"), "".join(superseded))
+            fileio.write_bytes_atomic(self.path, "".join(kept).encode("utf-8"))
+        return len(superseded)
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

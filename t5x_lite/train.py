@@ -292,9 +292,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     def saved(tree: trainer.TrainState) -> trainer.TrainState:
         return tree.replace(params=lora.adapters_of(tree.params)) if adapter_checkpoints else tree
 
-    if latest is not None:
+    resumed = None
+    if latest is not None:  # the newest step that reads back intact; damaged newer ones are moved aside, warned of
         abstract = jax.eval_shape(lambda key: trainer.create_train_state(model_cfg, optimizer, key), jax.random.key(0))
-        state, data_state, _ = checkpointer.restore(latest, abstract_state=saved(abstract), shardings=saved(shardings))
+        resumed = checkpointer.restore_latest_good(abstract_state=saved(abstract), shardings=saved(shardings))
+    if resumed is not None:
+        latest, (state, data_state, _) = resumed
         if adapter_checkpoints:
             base = network.lora_base_params(model_cfg, checkpoints.load_params(config.init_from), config.init_from)
             params = lora.with_adapters(base, state.params)
@@ -346,6 +349,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if is_chief:
         print(f"peak {peak_flops:.3g} FLOP/s per device ({peak_source})")
     writer = metrics.MetricWriter(workdir, enabled=is_chief)
+    writer.rewind(start_step)  # rows a killed run logged after its last checkpoint are superseded
     writer.write(start_step, {"perf/launched": launched})  # when this command started (wall-clock curves)
     preemption = checkpoints.install_preemption_handler()
     rng = jax.random.key(config.seed)

@@ -156,6 +156,85 @@ def test_corrupt_checkpoint_names_step_and_earlier_step(tmp_path):
     ckpt.close()
 
 
+def _big_state(step: int) -> dict:
+    """Random float32 data that zstd cannot shrink, so Orbax stores it raw in an out-of-line data file."""
+    values = np.random.default_rng(step).standard_normal((256, 256)).astype(np.float32)
+    return {"step": jnp.int32(step), "params": {"w": jnp.asarray(values)}}
+
+
+def _largest_data_file(step_dir):
+    return max((p for p in step_dir.glob("state/**/d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "file deleted": lambda step_dir: _largest_data_file(step_dir).unlink(),
+    "file truncated": lambda step_dir: _largest_data_file(step_dir).write_bytes(b"\0" * 7),
+    "byte flipped": lambda step_dir: _flip_byte(_largest_data_file(step_dir)),
+    "metadata deleted": lambda step_dir: (step_dir / "state" / "_METADATA").unlink(),
+    "metadata garbled": lambda step_dir: (step_dir / "state" / "_METADATA").write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(tmp_path, damage, capsys):
+    ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1, keep=5)
+    for step in (1, 2, 3):
+        ckpt.maybe_save(step, _big_state(step), {"step": step})
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "3"
+    assert (step_dir / checkpoints.CHECKSUMS_FILE).is_file()  # written once each save was complete
+    DAMAGE[damage](step_dir)
+    reopened = checkpoints.Checkpointer(tmp_path, save_every_steps=1, keep=5)
+    step, (state, data_state, _) = reopened.restore_latest_good(abstract_state=_abstract(_big_state(0)))
+    assert step == 2 and data_state == {"step": 2}
+    _assert_bitwise_equal(state, _big_state(2))
+    warning = capsys.readouterr().err
+    assert f"checkpoint {step_dir} is corrupt or incomplete" in warning and "checkpoints.corrupt/3" in warning
+    assert reopened.all_steps() == [1, 2] and (tmp_path / "checkpoints.corrupt" / "3" / "state").is_dir()
+    reopened.close()
+
+
+def test_a_flipped_byte_loads_silently_without_the_manifest(tmp_path):
+    """Why the manifest exists: Orbax reads raw array data back without checking it."""
+    ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1)
+    ckpt.maybe_save(1, _big_state(1), {})
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "1"
+    _flip_byte(_largest_data_file(step_dir))
+    reopened = checkpoints.Checkpointer(tmp_path, save_every_steps=1)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="does not match its checksum"):
+        reopened.restore(abstract_state=_abstract(_big_state(0)))
+    (step_dir / checkpoints.CHECKSUMS_FILE).unlink()
+    state, _, _ = reopened.restore(abstract_state=_abstract(_big_state(0)))
+    differing = int(np.sum(np.asarray(state["params"]["w"]) != np.asarray(_big_state(1)["params"]["w"])))
+    assert differing == 1  # a wrong number, no error
+    reopened.close()
+
+
+def test_every_step_damaged_is_an_error_not_a_fresh_start_and_a_config_mismatch_moves_nothing(tmp_path):
+    ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1)
+    for step in (1, 2):
+        ckpt.maybe_save(step, _big_state(step), {})
+    ckpt.close()
+    reopened = checkpoints.Checkpointer(tmp_path, save_every_steps=1)
+    wrong_shape = {"step": jnp.int32(0), "params": {"w": jnp.zeros((4, 4), jnp.float32)}}
+    with pytest.raises(ValueError, match="different model config") as error:
+        reopened.restore_latest_good(abstract_state=_abstract(wrong_shape))
+    assert not isinstance(error.value, checkpoints.CorruptCheckpointError) and reopened.all_steps() == [1, 2]
+    for step in (1, 2):
+        _flip_byte(_largest_data_file(tmp_path / "checkpoints" / str(step)))
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="every checkpoint in .* is damaged"):
+        reopened.restore_latest_good(abstract_state=_abstract(_big_state(0)))
+    assert reopened.all_steps() == [] and len(list((tmp_path / "checkpoints.corrupt").iterdir())) == 2
+    reopened.close()
+
+
 def test_different_model_config_names_first_mismatching_parameter(tmp_path, tiny_params):
     ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1, async_save=False)
     ckpt.maybe_save(1, {"params": tiny_params}, {})

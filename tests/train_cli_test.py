@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -73,6 +74,28 @@ def test_kill_9_then_resume_equals_straight_run(tmp_path):
     straight_seen, resumed_seen = seen(tmp_path / "straight"), seen(tmp_path / "killed")
     assert sorted(resumed_seen) == [5, 10, 15, 20, 25, 30, 35, 40]
     assert all(resumed_seen[s] == straight_seen[s] for s in resumed_seen)
+
+    # Killed after step 30 with its checkpoint then damaged on disk (a flipped byte): the resume warns, moves step 30
+    # aside, goes back to step 20, and still ends equal to the straight run; metrics.jsonl has each step once.
+    every_10 = [arg for arg in common if "checkpoint_every_steps" not in arg]
+    every_10 += ["--config.checkpoint_every_steps=10", "--config.keep_checkpoints=5"]
+    damaged = tmp_path / "damaged"
+    crashed = _run(_command(damaged, "steps=40", *every_10, "--config.debug_crash_after_step=30"), env)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    data_files = [p for p in (damaged / "checkpoints" / "30" / "state").glob("**/d/*") if p.is_file()]
+    largest = max(data_files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    largest.write_bytes(bytes(data))
+    resumed = _run(_command(damaged, "steps=40", *every_10), env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"warning: checkpoint {damaged / 'checkpoints' / '30'} is corrupt" in resumed.stderr
+    assert "resuming from step 20" in resumed.stdout and (damaged / "checkpoints.corrupt" / "30").is_dir()
+    jax.tree.map(np.testing.assert_array_equal, checkpoints.load_params(damaged, step=40), a)
+    logged = [r["step"] for r in metrics.read_metrics(damaged) if "train/loss" in r]
+    assert logged == [5, 10, 15, 20, 25, 30, 35, 40]  # 25 and 30 of the killed run are superseded, not doubled
+    superseded = [json.loads(line) for line in (damaged / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in superseded if "train/loss" in r}) == [25, 30]
 
 
 def test_sigterm_saves_the_current_step(tmp_path):
