@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle  # the exception type only: nothing is unpickled here
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -331,7 +332,13 @@ def load_hf_dir(hf_dir: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     elif os.path.isfile(torch_path):
         import torch  # the `dev` extra; only needed for legacy .bin checkpoints
 
-        state_dict = torch.load(torch_path, map_location="cpu", weights_only=True)
+        try:  # torch's weights-only unpickler: tensors and plain containers, never code (nothing executes on load)
+            state_dict = torch.load(torch_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{torch_path} holds more than tensors, which the weights-only loader refuses to run "
+                f"({str(error).splitlines()[0][:200]}); convert it to model.safetensors with a tool you trust"
+            ) from None
     else:
         raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
     return state_dict, hf_config
