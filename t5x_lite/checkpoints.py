@@ -572,15 +572,18 @@ class PreemptionHandler:
         return preemption_requested()
 
 
-def install_preemption_handler(callback: Callable[[int], None] | None = None) -> PreemptionHandler:
+def install_preemption_handler(
+    callback: Callable[[int], None] | None = None, signals: tuple[int, ...] = _PREEMPTION_SIGNALS
+) -> PreemptionHandler:
     """Make SIGTERM/SIGINT set the flag polled by ``preemption_requested()`` instead of killing the process.
 
     Why: a preempted TPU VM or a SLURM job gets SIGTERM some seconds before SIGKILL; the loop should finish its
     step, save that step and exit 0. ``callback(signum)``, if given, runs inside the handler: keep it tiny (log a
     line). A second signal while the first is pending falls through to the previous handler (e.g. a second
-    Ctrl-C still interrupts a stuck run). Must be called from the main thread.
+    Ctrl-C still interrupts a stuck run). Must be called from the main thread. ``signals``: which ones (a
+    multi-process run leaves SIGTERM to JAX's preemption service, which tells every process: ``PreemptionSync``).
     """
-    previous = {signum: signal.getsignal(signum) for signum in _PREEMPTION_SIGNALS}
+    previous = {signum: signal.getsignal(signum) for signum in signals}
 
     def handle(signum: int, frame: Any) -> None:
         if _requested:
@@ -597,6 +600,33 @@ def install_preemption_handler(callback: Callable[[int], None] | None = None) ->
             callback(signum)
 
     _requested.clear()
-    for signum in _PREEMPTION_SIGNALS:
+    for signum in signals:
         signal.signal(signum, handle)
     return PreemptionHandler(previous)
+
+
+class PreemptionSync:
+    """When to save and stop on preemption, agreed by every process.
+
+    One process: SIGTERM/SIGINT set a flag (``install_preemption_handler``) and the run saves the step it is at.
+    Several processes: SIGTERM reaches one of them, but a save is a collective that every process must join at the
+    same step. JAX's preemption service (``jax.distributed``) catches SIGTERM in whichever process gets it, tells
+    the others through the coordination service, and ``reached_preemption_sync_point(step)`` turns True on all of
+    them at the same step (the largest step any of them is at, plus one). SIGINT stays local (a Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.multi_process = jax.process_count() > 1
+        signals = (signal.SIGINT,) if self.multi_process else _PREEMPTION_SIGNALS
+        self.handler = install_preemption_handler(signals=signals)
+        self._reached = False
+
+    def should_stop(self, step: int) -> bool:
+        """Call after every step, with the step just done (the same sequence on every process)."""
+        if self.multi_process and not self._reached:
+            from jax.experimental import multihost_utils
+
+            self._reached = multihost_utils.reached_preemption_sync_point(step)
+        return self._reached or self.handler.requested
+
+    def uninstall(self) -> None:
+        self.handler.uninstall()

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import zlib
 from typing import Any
@@ -351,7 +352,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer = metrics.MetricWriter(workdir, enabled=is_chief)
     writer.rewind(start_step)  # rows a killed run logged after its last checkpoint are superseded
     writer.write(start_step, {"perf/launched": launched})  # when this command started (wall-clock curves)
-    preemption = checkpoints.install_preemption_handler()
+    preemption = checkpoints.PreemptionSync()  # every process stops at the same step (multi-process: jax's service)
     rng = jax.random.key(config.seed)
     last_eval: dict[str, float] = {}
     progress = _progress(start_step, config.num_train_steps, enabled=is_chief)
@@ -389,6 +390,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     logging.info("step %d: %s", done, last_eval)
                     window = _Window()  # the next throughput figure leaves the evaluation out
                 stop = evaluated and stopper.should_stop
+                preempted = preemption.should_stop(done)  # the same step on every process
                 saving = done % config.checkpoint_every_steps == 0 or done == config.num_train_steps
                 if saving and not skip_nonfinite and not math.isfinite(float(step_metrics["loss"])):
                     raise _nonfinite(float(step_metrics["loss"]), done, checkpointer, workdir)  # never save NaNs
@@ -397,14 +399,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     saved(state),
                     {**pipeline.iterator_state(iterator), EarlyStopping.STATE_KEY: stopper.state()},
                     metrics=last_eval if evaluated else None,
-                    force=done == config.num_train_steps or preemption.requested or stop or (evaluated and keep_best),
+                    force=done == config.num_train_steps or preempted or stop or (evaluated and keep_best),
                 )
                 progress.update(1)
                 if crash_after and done == crash_after:
                     checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if preemption.requested:
-                    logging.warning("preemption signal: saved step %d, exiting", done)
+                if preempted:
+                    checkpointer.wait()
+                    print(f"preemption: saved step {done} (process {jax.process_index()}), exiting", file=sys.stderr)
                     break
                 if stop:
                     if is_chief:

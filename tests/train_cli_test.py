@@ -172,6 +172,46 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     assert len(loss(tmp_path / "one")) == 10
 
 
+def test_sigterm_to_one_of_two_processes_makes_both_save_the_same_step_and_exit_0(tmp_path):
+    workdir, port = tmp_path / "two", _free_port()
+    common = (
+        "steps=100000",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1000",
+        "--config.eval_every_steps=1000",
+        "--config.mesh_shape=(2,1,1)",
+        "--config.pack=False",
+        _cache(tmp_path),
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    )
+    processes = [
+        subprocess.Popen(
+            _command(workdir, *common, f"--process_id={i}"),
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (workdir / "metrics.jsonl").exists() and len(metrics.read_metrics(workdir)) >= 5
+    ):
+        time.sleep(0.5)
+    processes[1].send_signal(signal.SIGTERM)  # not the chief: the one that writes metrics and is told last
+    saved = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr[-3000:]
+        line = [line for line in stderr.splitlines() if line.startswith("preemption: saved step ")]
+        assert line, stderr[-3000:]
+        saved.append(int(line[0].split()[3]))
+    assert saved[0] == saved[1] >= 5  # both joined the same collective save
+    assert checkpoints.Checkpointer(workdir, save_every_steps=1000, read_only=True).all_steps() == [saved[0]]
+
+
 BAD_CONFIGS = [  # (arguments, what the one-line error says)
     (["--config.learning_rat=0.1"], "--config.learning_rat: the config has no key 'learning_rat' (did you mean"),
     (["--config.model_overrides.d_modl=8"], "--config.model_overrides.d_modl: the config has no key 'd_modl'"),
