@@ -34,6 +34,7 @@ removed when the next ``Checkpointer`` opens the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,6 +62,16 @@ CORRUPT_DIR = "checkpoints.corrupt"  # WORKDIR/checkpoints.corrupt/<step>: damag
 
 class CorruptCheckpointError(ValueError):
     """A saved step that cannot be read back as written (missing, truncated or altered files)."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint save ran out of disk space: the earlier steps are intact, the partial one is left in Orbax's
+    temporary directory (removed when the workdir is next opened)."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    text = str(error)
+    return getattr(error, "errno", None) == 28 or "No space left on device" in text or "os_error_code='28'" in text
 
 
 def _file_digests(directory: str) -> dict[str, list[Any]]:
@@ -265,24 +276,50 @@ class Checkpointer:
             return False
         self.wait()  # the previous save is complete (Orbax would wait for it anyway): its manifest goes first
         metrics = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardSave(state),
-                    DATA: ocp.args.JsonSave(dict(data_state or {})),
-                    CONFIG: ocp.args.JsonSave(self.config),
-                }
-            ),
-            metrics=metrics if self.best_metric in metrics else None,
-            force=True,
-        )
+        with self._reporting_disk_full(step):
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE: ocp.args.StandardSave(state),
+                        DATA: ocp.args.JsonSave(dict(data_state or {})),
+                        CONFIG: ocp.args.JsonSave(self.config),
+                    }
+                ),
+                metrics=metrics if self.best_metric in metrics else None,
+                force=True,
+            )
         return bool(saved)
+
+    @contextlib.contextmanager
+    def _reporting_disk_full(self, step: int | None = None):
+        """Turn a save's out-of-space failure (Orbax/TensorStore raise it as a ValueError with errno 28 inside)
+        into a DiskFullError that says where, which step failed and which step a rerun resumes from."""
+        try:
+            yield
+        except Exception as error:
+            if not _disk_full(error):
+                raise
+            self._manager.reload()
+            intact = self.all_steps()
+            if step is None:  # an asynchronous save failed: its temporary directory names the step
+                partial = [n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n]
+                step = int(partial[0].split(".")[0]) if partial and partial[0].split(".")[0].isdigit() else None
+            failed = f"step {step}" if step is not None else "a checkpoint"
+            where = f"no space left on device while saving {failed} in {self.directory}; "
+            if intact:
+                where += (
+                    f"steps {intact} are intact: free space and run the same command to resume from step {intact[-1]}"
+                )
+            else:
+                where += "no earlier checkpoint exists: free space and run the same command"
+            raise DiskFullError(28, where) from None
 
     def wait(self) -> None:
         """Block until background saves are on disk (and old checkpoints deleted per the keep policy), then write
         the checksum manifest of each complete step that lacks one."""
-        self._manager.wait_until_finished()
+        with self._reporting_disk_full():
+            self._manager.wait_until_finished()
         self._write_missing_checksums()
 
     def close(self) -> None:

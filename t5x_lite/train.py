@@ -530,7 +530,7 @@ def main(argv: list[str]) -> None:
     partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         final = train_and_evaluate(config, workdir)
-    except TrainingError as error:  # bad input (ValueError, a missing file) is cli.run's to report
+    except (TrainingError, checkpoints.DiskFullError) as error:  # bad input (ValueError, ...): cli.run's to report
         cli.fail(str(error))
     if final:
         print("final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))

@@ -347,3 +347,56 @@ def test_orbax_read_only_notice_is_silenced_other_warnings_pass(tmp_path, caplog
         absl_logging.warning("a warning that matters")
     assert "read only" not in caplog.text and "read_only" not in caplog.text
     assert "a warning that matters" in caplog.text
+
+
+DISK_FULL = "RESOURCE_EXHAUSTED: Failed to write 498513 bytes to file 12: No space left on device [os_error_code='28']"
+
+
+def test_a_save_that_runs_out_of_disk_says_where_and_keeps_the_earlier_steps(tmp_path, monkeypatch):
+    ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1, async_save=False)
+    ckpt.maybe_save(1, _big_state(1), {"step": 1})
+
+    def full(*args, **kwargs):
+        raise ValueError(DISK_FULL)  # what TensorStore raises when a write gets ENOSPC
+
+    monkeypatch.setattr(ckpt._manager, "save", full)
+    with pytest.raises(checkpoints.DiskFullError) as error:
+        ckpt.maybe_save(2, _big_state(2), {"step": 2})
+    message = str(error.value)
+    assert f"no space left on device while saving step 2 in {tmp_path / 'checkpoints'}" in message
+    assert "steps [1] are intact: free space and run the same command to resume from step 1" in message
+    assert error.value.errno == 28
+    monkeypatch.undo()
+    state, data_state, _ = ckpt.restore(abstract_state=_abstract(_big_state(0)))
+    _assert_bitwise_equal(state, _big_state(1))
+    assert data_state == {"step": 1}
+    ckpt.close()
+
+
+def test_a_training_run_on_a_full_disk_stops_with_the_error_and_resumes_once_there_is_room(tmp_path):
+    """A real full disk: a 9 MiB tmpfs holds two checkpoints of the demo and not a third (needs root to mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        reason = mounted.stderr.decode().strip()
+        pytest.skip(f"cannot mount a small tmpfs here ({reason}); the injected-ENOSPC test above still runs")
+    try:
+        command = [
+            sys.executable, "-m", "t5x_lite.train", f"--config={ROOT}/configs/demo.py:steps=60",
+            f"--workdir={disk / 'run'}", "--config.checkpoint_every_steps=10", "--config.keep_checkpoints=5",
+            "--config.eval_every_steps=1000", f"--config.vocab_cache_dir={tmp_path / 'vocab'}",
+        ]  # fmt: skip
+        full = subprocess.run(command, capture_output=True, text=True, env=cpu_subprocess_env(), timeout=300)
+        assert full.returncode == 2, full.stderr[-2000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: [Errno 28] no space left on device while saving step ") and "intact" in last
+        intact = [int(p.name) for p in (disk / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+        assert intact and f"resume from step {max(intact)}" in last
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = subprocess.run(command, capture_output=True, text=True, env=cpu_subprocess_env(), timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"resuming from step {max(intact)}" in resumed.stdout
+        assert 60 in checkpoints.Checkpointer(disk / "run", save_every_steps=10, read_only=True).all_steps()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
