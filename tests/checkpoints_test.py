@@ -213,7 +213,7 @@ def test_a_flipped_byte_loads_silently_without_the_manifest(tmp_path):
     (step_dir / checkpoints.CHECKSUMS_FILE).unlink()
     state, _, _ = reopened.restore(abstract_state=_abstract(_big_state(0)))
     differing = int(np.sum(np.asarray(state["params"]["w"]) != np.asarray(_big_state(1)["params"]["w"])))
-    assert differing == 1  # a wrong number, no error
+    assert differing >= 1  # wrong numbers, no error
     reopened.close()
 
 
