@@ -1,35 +1,42 @@
-"""Transfer a trained Multi30k En->De model to En->Fr (or En->Cs): full fine-tuning, or LoRA adapters only.
+"""Transfer a trained Multi30k En->De model to En->Fr (or En->Cs), or to TED talks (En->De, another domain): full
+fine-tuning, or LoRA adapters only.
 
 Command:   python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k \\
                --workdir workdirs/multi30k_enfr_full
-           python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,lora_rank=4 \\
-               --workdir workdirs/multi30k_enfr_lora
+           python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,lora_rank=4,\
+               lora_embed=True --workdir workdirs/multi30k_enfr_lora
            python -m t5x_lite.evaluate --workdir workdirs/multi30k_enfr_lora --split test_2016_flickr --beam_size 4 \\
                --alpha 1
            python -m t5x_lite.lora_merge --workdir workdirs/multi30k_enfr_lora --out workdirs/multi30k_enfr_merged
+           # the same on TED talks (iwslt14_ende_tok; evaluate --split test):
+           python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,tgt=ted \\
+               --workdir workdirs/multi30k_ted_full
            # QLoRA (the frozen base held int8), with an adapter on the output projection too:
            python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,lora_rank=4,\
                lora_output=True --config.quantization=int8 --workdir workdirs/multi30k_enfr_qlora
 Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
 Time:      a train step on a 128 x 32-token batch takes 0.38 s (full), 0.39 s (LoRA) and 0.76 s (LoRA with the
-           output adapter: whole logits, no fused loss) on the 2-core development machine (QUIET,
+           output adapter: whole logits, no fused loss; 0.42 s with the table adapter) on the 2-core machine (QUIET,
            experiments/results/compression.json), so 1,000 steps are some 8-15 minutes with evaluation.
 Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py model (docs/compression.md, QUIET
-           2026-12-04): test_2016_flickr tokenized lowercased BLEU, beam 4: full fine-tuning 36.08; LoRA rank 4
-           9.83, with ``lora_output=True`` 12.89 (4.3% of the parameters trainable, optimizer state 0.85 MB against
-           18.9 MB, checkpoint 1.9 MB against 26.9 MB) -- LoRA is far behind here (the frozen token table).
+           2026-12-04): tokenized lowercased BLEU, beam 4. En->Fr test_2016_flickr: full fine-tuning 36.08; LoRA
+           rank 4 9.83, with ``lora_output=True`` 12.89, with ``lora_embed=True`` 13.81 (4.5% of the parameters
+           trainable, optimizer state 0.85 MB against 18.9 MB). TED (``tgt=ted``) test: full fine-tuning 7.78,
+           LoRA rank 4 4.31, with ``lora_embed=True`` 4.69. LoRA is far behind on both.
 
 ``init_from`` is a workdir of configs/multi30k.py (any step count); its vocabulary (a joint En/De BPE) is kept, so
 French is spelled in En/De pieces. The task ``multi30k_en{tgt}_tok`` lowercases and Moses-tokenizes the raw files
 on reading, as Multi30k's ``tok/`` files were made (``tok/`` has en and de only). ``lora_rank`` = 0 fine-tunes
 every weight; ``lora_rank`` = R trains rank-R Qwix adapters on every attention and MLP weight (t5x_lite.lora) and
 nothing else: 18,432 x R parameters for Transformer-tiny (rank 4: 3.1% of its 2.36M); ``lora_output=True`` adds
-one on the output projection (8,320 x R more with the 8,192-row table; rank 4: 4.5% in all). ``lr`` = 0 picks 1e-3
-for full fine-tuning and 5e-3 for LoRA (adapters start at zero and take a larger step). Dropout is 0.1, not the
-from-scratch recipe's 0.3: on En->Fr it gave 33.16 instead of 25.19 validation BLEU (full fine-tuning, greedy) and
-9.49 instead of 4.90 (LoRA rank 4) after 1,000 steps.
+one on the output projection (8,320 x R more with the 8,192-row table; rank 4: 4.5% in all); ``lora_embed=True``
+one on the token table itself, seen by the lookups and the tied output projection alike (the same count).
+``lr`` = 0 picks 1e-3 for full fine-tuning and 5e-3 for LoRA (adapters start at zero and take a larger step).
+Dropout is 0.1, not the from-scratch recipe's 0.3: on En->Fr it gave 33.16 instead of 25.19
+validation BLEU (full fine-tuning, greedy) and 9.49 instead of 4.90 (LoRA rank 4) after 1,000 steps.
 
-Options: ``:init_from=DIR,tgt=fr,lora_rank=0,lora_alpha=0,lora_output=False,steps=1500,lr=0,seed=1`` and
+Options: ``:init_from=DIR,tgt=fr|cs|ted,lora_rank=0,lora_alpha=0,lora_output=False,lora_embed=False,steps=1500,lr=0,
+seed=1`` and
 ``--config.key=value`` (``--config.quantization=int8`` with ``lora_rank``: QLoRA).
 """
 
