@@ -50,7 +50,8 @@ def flag_error(error: BaseException, argv: Sequence[str]) -> str:
     """One line that says which flag or config was wrong, and why, for an exception raised while parsing flags."""
     text = str(error)
     if isinstance(error, AttributeError):  # ml_collections: an override of a key the config does not have
-        key = re.search(r"[A-Za-z_]\w*", text).group(0) if re.search(r"[A-Za-z_]\w*", text) else text
+        name = re.search(r"[A-Za-z_]\w*", text)
+        key = name.group(0) if name else text
         hint = re.search(r'Did you mean "([^"]+)"', text)
         suggestion = f" (did you mean {hint.group(1)!r}?)" if hint else ""
         return f"{_config_override(key, argv)}: the config has no key {key!r}{suggestion}"
