@@ -43,6 +43,7 @@ setup(
             "matplotlib>=3.7",  # learning curves and sweep curves
             "gcsfs>=2024.2",  # gs:// workdirs, tested against a local GCS emulator
             "gcp-storage-emulator>=2024.8",
+            "pytest-xdist>=3.5",  # make test runs the test files in parallel, one worker per core
             "pytest-rerunfailures>=14",  # reruns the emulator test on the emulator's own sporadic write error
         ],
         "tf": ["tensorflow-cpu"],

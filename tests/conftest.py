@@ -7,12 +7,19 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Prepared TFDS corpora go to a fresh folder per test session, never into the user's ~/tensorflow_datasets.
-os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="t5x_lite_tests_tfds_"))
-# No persistent XLA cache in ~/.cache from tests (tests/compile_cache_test.py turns one on in a temporary folder).
-os.environ.setdefault("T5X_LITE_COMPILATION_CACHE", "none")
+# Prepared TFDS corpora go to a fresh folder per test session, never into the user's ~/tensorflow_datasets; one per
+# pytest-xdist worker too, so that two workers never prepare the same corpus in the same place at once.
+if "TFDS_DATA_DIR" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="t5x_lite_tests_tfds_")
+# One persistent XLA cache per test session, in a fresh temporary folder (never ~/.cache): the many tests that
+# build the same tiny models, and the child processes of the CLI tests, compile each program once.
+os.environ.setdefault("T5X_LITE_COMPILATION_CACHE", tempfile.mkdtemp(prefix="t5x_lite_tests_xla_"))
 
 import pytest  # noqa: E402
+
+from t5x_lite import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 # The classic Transformer's settings (post-LN, sinusoidal positions, biases), for small test configs.
 CLASSIC_POST_LN_SINUSOIDAL = dict(
@@ -68,13 +75,19 @@ PARITY_RECORDS: list[tuple[str, float, float]] = []
 
 
 @pytest.fixture
-def record_parity():
-    """Call with (config name, max |delta|, bound); the table is printed at the end of the run."""
+def record_parity(request):
+    """Call with (config name, max |delta|, bound); the table is printed at the end of the run. The figures travel
+    on the test's report, so that they reach the main process from pytest-xdist's workers too."""
 
     def record(name: str, max_delta: float, bound: float) -> None:
-        PARITY_RECORDS.append((name, float(max_delta), float(bound)))
+        request.node.user_properties.append(("parity", (name, float(max_delta), float(bound))))
 
     return record
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        PARITY_RECORDS.extend(tuple(value) for key, value in report.user_properties if key == "parity")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
