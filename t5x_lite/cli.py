@@ -32,6 +32,14 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def error_status(error: BaseException) -> int:
+    """Print ``error: <its message>`` (first line) to stderr and return exit status 2: what an argparse command's
+    ``main`` returns for one of ``EXPECTED_ERRORS``."""
+    message = str(error).strip()
+    print(f"error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+    return 2
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else text

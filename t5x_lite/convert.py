@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from t5x_lite import cli
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.network import TransformerConfig, check_params_match, scan_params, unscan_params
 
@@ -435,9 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, params = load_converted(args.workdir)
             save_hf_dir(params, cfg, args.out)
             print(f"wrote {os.path.join(args.out, 'config.json')} and {os.path.join(args.out, 'model.safetensors')}")
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except cli.EXPECTED_ERRORS as error:
+        return cli.error_status(error)
     return 0
 
 

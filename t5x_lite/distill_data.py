@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from t5x_lite import fileio, models
+from t5x_lite import cli, fileio, models
 from t5x_lite.evaluation import evaluate_loaded, load_workdir
 
 PREFIX = "distilled:"
@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_examples=args.max_examples,
         )
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except cli.EXPECTED_ERRORS as error:
+        return cli.error_status(error)
     print(
         f"wrote {record['examples']:,} teacher outputs of {record['base_task']}/{record['split']} to {args.out}\n"
         f"train on them: python -m t5x_lite.train --config CONFIG --config.task={PREFIX}{args.out} "

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from t5x_lite import derived_workdir, fileio, lora, quantization
+from t5x_lite import cli, derived_workdir, fileio, lora, quantization
 from t5x_lite.evaluation import load_workdir
 
 
@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         record = merge_workdir(
             args.workdir, args.out, checkpoint_step=args.checkpoint_step, average_last=args.average_last
         )
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except cli.EXPECTED_ERRORS as error:
+        return cli.error_status(error)
     print(
         f"merged {record['adapter_params']:,} adapter parameters (rank {record['lora_rank']}) of {args.workdir} "
         f"step {record['source_steps'][-1]} -> {args.out}"

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from t5x_lite import derived_workdir, fileio, pruning
+from t5x_lite import cli, derived_workdir, fileio, pruning
 from t5x_lite.evaluation import load_workdir
 
 
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_step=args.checkpoint_step,
             average_last=args.average_last,
         )
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except cli.EXPECTED_ERRORS as error:
+        return cli.error_status(error)
     before, after = record["params"]
     overrides = " ".join(f"--config.model_overrides.{k}={v}" for k, v in record["model_overrides"].items())
     print(

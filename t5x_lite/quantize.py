@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any
 
-from t5x_lite import derived_workdir, fileio, network, quantization
+from t5x_lite import cli, derived_workdir, fileio, network, quantization
 from t5x_lite.evaluation import load_workdir
 
 
@@ -81,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint_step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--average_last", type=int, default=0, help="quantize the average of the last N checkpoints")
     args = parser.parse_args(argv)
-    record = quantize_workdir(
-        args.workdir,
-        args.out,
-        args.scheme,
-        keep_embeddings=args.keep_embeddings,
-        checkpoint_step=args.checkpoint_step,
-        average_last=args.average_last,
-    )
+    try:
+        record = quantize_workdir(
+            args.workdir,
+            args.out,
+            args.scheme,
+            keep_embeddings=args.keep_embeddings,
+            checkpoint_step=args.checkpoint_step,
+            average_last=args.average_last,
+        )
+    except cli.EXPECTED_ERRORS as error:
+        return cli.error_status(error)
     print(
         f"{record['scheme']}: {record['float_param_bytes']:,} -> {record['quantized_param_bytes']:,} parameter bytes "
         f"({100 * record['ratio']:.1f}%), steps {record['source_steps']} of {record['source_workdir']} -> {args.out}",

@@ -146,7 +146,7 @@ def test_quantized_workdir_round_trips_and_evaluates(trained, tmp_path):
     assert same >= 0.75, same
 
 
-def test_quantize_command_then_infer(trained, tmp_path):
+def test_quantize_command_then_infer(trained, tmp_path, capsys):
     out = tmp_path / "dyn"
     env = cpu_subprocess_env()
     run = subprocess.run(
@@ -192,6 +192,12 @@ def test_quantize_command_then_infer(trained, tmp_path):
         quantize.quantize_workdir(trained, trained, "int8")
     with pytest.raises(ValueError, match="average the float checkpoints before quantizing"):
         evaluation.load_workdir(str(out), average_last=2)
+    # ... and the command says so in one line with exit status 2, no traceback.
+    assert quantize.main(["--workdir", trained, "--out", str(out)]) == 2
+    assert quantize.main(["--workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors), errors
+    assert "already holds checkpoints" in errors[0] and "missing" in errors[1]
 
 
 def test_training_a_quantized_config_says_to_quantize_after_training(tmp_path):

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from t5x_lite import cli
 from t5x_lite.data import pipeline, preprocessors
 from t5x_lite.data.tasks import Mixture, TaskRegistry, task_vocabulary
 
@@ -48,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = task_vocabulary(
             task, cache_dir=args.vocab_cache_dir, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (*cli.EXPECTED_ERRORS, RuntimeError) as error:
+        return cli.error_status(error)
 
     print(f"task {task.name}: {task.description}")
     print(f"split {args.split}: {len(source):,} examples; vocabulary {vocab.vocab_size:,} ids")
