@@ -122,18 +122,24 @@ def verify_checksums(step_dir: str) -> bool:
     return True
 
 
-class _DropReadOnlyNotice(logging.Filter):
+class _DropOrbaxNoise(logging.Filter):
     """Orbax warns "Given directory is read only" and "CheckpointManagerOptions.read_only=True, setting
     save_interval_steps=0" whenever a manager opens read-only, which is every evaluation and inference load here:
-    by design, so these say nothing. Other warnings pass."""
+    by design, so these say nothing. And its save thread (and asyncio, for the writes' futures) logs the traceback
+    of each write that ran out of disk space,
+    which ``Checkpointer`` raises again where it waits for the save, as one DiskFullError that says where and what
+    to do. Other records pass."""
 
     NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _disk_full(record.exc_info[1]):
+            return False
         return not str(record.msg).startswith(self.NOTICES)
 
 
-logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+logging.getLogger("absl").addFilter(_DropOrbaxNoise())
+logging.getLogger("asyncio").addFilter(_DropOrbaxNoise())  # the same failed writes, as futures nobody awaited
 
 
 def _first_line(error: BaseException) -> str:
@@ -323,8 +329,14 @@ class Checkpointer:
         self._write_missing_checksums()
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's threads."""
-        self.wait()
+        """Wait for pending saves and release orbax's threads, also when a save failed (a full disk): a thread
+        still running at interpreter exit aborts the process, and the failure is then lost in a SIGABRT."""
+        try:
+            self.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the save's failure is the error to report, not a second one
+                self._manager.close()
+            raise
         self._manager.close()
 
     def _write_missing_checksums(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 
@@ -85,6 +85,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         fail(flag_error(error, argv))
 
 
+def _drop_closed_event_loop_noise(unraisable: Any) -> None:
+    """After a failed asynchronous save (a full disk), TensorStore's callbacks still post to Orbax's event loop,
+    closed by then, and Python prints each as an ignored exception: noise, the save's error is reported once."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """``app.run(main)``: flags parsed as ``parse_flags`` does, and ``EXPECTED_ERRORS`` out of ``main`` reported
     as one line with exit status 2."""
@@ -99,4 +107,5 @@ def run(main: Callable[[list[str]], None]) -> None:
                 raise
             fail(flag_error(error, sys.argv))
 
+    sys.unraisablehook = _drop_closed_event_loop_noise
     app.run(guarded, flags_parser=parse_flags)

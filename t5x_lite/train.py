@@ -417,10 +417,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             last_eval = evaluate(config, eval_task, vocab, model_cfg, state, eval_fn, mesh, rules)
     finally:
         progress.close()
-        checkpointer.wait()
-        checkpointer.close()
-        preemption.uninstall()
-        writer.close()
+        try:
+            checkpointer.close()  # waits for the last save; raises a failed save's error after releasing orbax
+        finally:
+            preemption.uninstall()
+            writer.close()
     return last_eval
 
 
