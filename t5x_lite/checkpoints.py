@@ -126,9 +126,8 @@ class _DropOrbaxNoise(logging.Filter):
     """Orbax warns "Given directory is read only" and "CheckpointManagerOptions.read_only=True, setting
     save_interval_steps=0" whenever a manager opens read-only, which is every evaluation and inference load here:
     by design, so these say nothing. And its save thread (and asyncio, for the writes' futures) logs the traceback
-    of each write that ran out of disk space,
-    which ``Checkpointer`` raises again where it waits for the save, as one DiskFullError that says where and what
-    to do. Other records pass."""
+    of each write that ran out of disk space, which ``Checkpointer`` raises again where it waits for the save, as
+    one DiskFullError that says where and what to do. Other records pass."""
 
     NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 

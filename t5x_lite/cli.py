@@ -26,17 +26,20 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _print_error(message: str) -> None:
+    print(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", file=sys.stderr)
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` (its first line only) to stderr and exit with status 2."""
-    print(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", file=sys.stderr)
+    _print_error(message)
     sys.exit(2)
 
 
 def error_status(error: BaseException) -> int:
     """Print ``error: <its message>`` (first line) to stderr and return exit status 2: what an argparse command's
     ``main`` returns for one of ``EXPECTED_ERRORS``."""
-    message = str(error).strip()
-    print(f"error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+    _print_error(str(error) or type(error).__name__)
     return 2
 
 
@@ -101,7 +104,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         try:
             main(argv)
         except EXPECTED_ERRORS as error:
-            fail(str(error) or type(error).__name__)
+            sys.exit(error_status(error))
         except OSError as error:  # ml_collections defers a config file that failed to load to its first use
             if "Failed loading config file" not in str(error):
                 raise
