@@ -30,6 +30,8 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 def _mask_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
     """Logits (float32) with the padded ids, at or above ``vocab_limit``, set to NEG_INF."""
+    if vocab_limit >= logits.shape[-1]:  # nothing padded: skip a pass over [rows, vocab] at every step
+        return logits.astype(jnp.float32)
     return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
 
 

@@ -7,7 +7,8 @@ Schemes (Qwix, per-channel scales): ``int8`` weight-only; ``int8_dynamic`` int8 
 int8 activations; ``fp8`` float8_e4m3 weights and activations (where the backend runs float8 dots).
 ``--keep_embeddings`` keeps the token table and output projection in float. DIR_Q gets ``config.json`` (the model
 with ``quantization`` set, and where it came from), ``vocab/``, one checkpoint (at the source's step) holding the
-quantized parameters, and ``quantization.json`` (bytes before and after).
+quantized parameters, each stack's layers stacked into one array per weight (``network.quantized_for_disk``: fewer
+arrays, less Orbax metadata), and ``quantization.json`` (bytes before and after).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def quantize_workdir(
     # A QAT-trained model (``qat``) becomes the PTQ model it was trained to be: the same rounding, stored.
     changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False, qat="")
     cfg = loaded.model_cfg.replace(**changes)
-    stored = quantization.to_storage(quantization.quantize_params(params, network.quantized_abstract_params(cfg)))
+    stored = network.quantized_for_disk(
+        cfg, quantization.quantize_params(params, network.quantized_abstract_params(cfg))
+    )
     record = {
         "source_workdir": str(fileio.workdir_path(workdir)),
         "source_steps": list(loaded.steps),

@@ -103,6 +103,26 @@ def test_storage_round_trip_and_mismatch_errors(float_params):
         quantization.from_storage(stored, abstract)
 
 
+def test_stacked_storage_holds_fewer_arrays_and_applies_the_same(float_params):
+    """t5x_lite.quantize saves each stack's layers stacked (one array per weight kind, less Orbax metadata); the
+    model applies it exactly like the per-layer storage, which older quantized workdirs hold."""
+    cfg, params = _quantized(float_params, "int8")
+    per_layer = quantization.to_storage(params)
+    stacked = network.quantized_for_disk(cfg, params)
+    assert (
+        "layers_0" not in stacked["encoder"]
+        and stacked["decoder"]["layers"]["mlp"]["wi"]["kernel"]["qvalue"].shape[0] == 2
+    )
+    assert len(jax.tree.leaves(stacked)) < len(jax.tree.leaves(per_layer))
+    from_stacked, from_per_layer = network.runtime_params(cfg, stacked), network.runtime_params(cfg, per_layer)
+    assert jax.tree.structure(from_stacked) == jax.tree.structure(params)
+    for a, b, c in zip(
+        jax.tree.leaves(from_stacked), jax.tree.leaves(from_per_layer), jax.tree.leaves(params), strict=True
+    ):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="quantization scheme 'int4' is unknown; choose one of int8, int8_dynamic"):
         CFG.replace(quantization="int4")
@@ -132,6 +152,10 @@ def test_quantized_workdir_round_trips_and_evaluates(trained, tmp_path):
         network.unscan_params(float_model.params, float_model.model_cfg),
         network.quantized_abstract_params(quantized_model.model_cfg),
     )
+    reader = checkpoints.Checkpointer(out, save_every_steps=1, async_save=False, read_only=True)
+    on_disk = reader.state_metadata(12)["params"]
+    reader.close()
+    assert "layers_0" not in on_disk["encoder"] and "layers" in on_disk["encoder"], sorted(on_disk["encoder"])
     loaded = checkpoints.load_params(out)
     assert jax.tree.structure(loaded) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import lora, models, optimizers, partitioning, quantization, quantize, train, trainer  # noqa: E402
+from t5x_lite import lora, models, network, optimizers, partitioning, quantization, quantize, train, trainer  # noqa: E402
 from t5x_lite.checkpoints import Checkpointer  # noqa: E402
 from t5x_lite.evaluation import LoadedModel, evaluate_loaded, load_workdir  # noqa: E402
 
@@ -74,11 +74,16 @@ def disk_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def params_on_disk(params) -> int:
-    """On-disk bytes of ``params`` alone in the Orbax layout training checkpoints use."""
+def params_on_disk(params, cfg) -> int:
+    """On-disk bytes of ``params`` alone in the Orbax layout their command writes: training checkpoints for float
+    models (and QLoRA's stored base), ``python -m t5x_lite.quantize``'s stacked layers for a PTQ model."""
+    if cfg.quantization and not cfg.lora_rank:
+        stored = network.quantized_for_disk(cfg, params)
+    else:
+        stored = quantization.to_storage(params)
     with tempfile.TemporaryDirectory() as tmp:
         checkpointer = Checkpointer(tmp, save_every_steps=1, keep=1, async_save=False)
-        checkpointer.maybe_save(1, {"params": quantization.to_storage(params)}, None, force=True)
+        checkpointer.maybe_save(1, {"params": stored}, None, force=True)
         checkpointer.wait()
         checkpointer.close()
         return disk_bytes(os.path.join(tmp, "checkpoints"))
@@ -86,13 +91,17 @@ def params_on_disk(params) -> int:
 
 def preset_disk_bytes(name: str) -> dict:
     """On-disk bytes of a preset's float32 parameters (random init, unscanned) and of their int8 PTQ."""
-    from t5x_lite import network, presets
+    from t5x_lite import presets
 
     cfg = presets.get_model_config(name, scan_layers=False)
     params = jax.tree.map(jnp.asarray, network.init_params(cfg, jax.random.key(0)))
     abstract = network.quantized_abstract_params(cfg.replace(quantization="int8"))
     quantized = quantization.quantize_params(params, abstract)
-    row = {"model": name, "float32_disk_bytes": params_on_disk(params), "int8_disk_bytes": params_on_disk(quantized)}
+    row = {
+        "model": name,
+        "float32_disk_bytes": params_on_disk(params, cfg),
+        "int8_disk_bytes": params_on_disk(quantized, cfg.replace(quantization="int8")),
+    }
     row["int8_disk_ratio"] = row["int8_disk_bytes"] / row["float32_disk_bytes"]
     print(
         f"{name} (random init): float32 {row['float32_disk_bytes']:,} B, int8 {row['int8_disk_bytes']:,} B on disk "
@@ -175,7 +184,7 @@ def measure(name: str, loaded: LoadedModel, args: argparse.Namespace, split: str
         "metrics": {k: v for k, v in result.metrics.items()},
         "parameters": count_parameters(quantization.to_storage(loaded.params)),
         "param_bytes": quantization.storage_bytes(quantization.to_storage(loaded.params)),
-        "disk_bytes": params_on_disk(loaded.params),
+        "disk_bytes": params_on_disk(loaded.params, loaded.model_cfg),
         "decode_seconds": seconds,
         "sentences_per_s": len(result.predictions) / seconds,
         "tokens_per_s": tokens / seconds,
