@@ -120,8 +120,9 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
     return distillation, params
 
 
-def _model_config(config, vocab: Vocabulary) -> network.TransformerConfig:
-    padded_vocab = -(-vocab.vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
+def _model_config(config, vocab_size: int) -> network.TransformerConfig:
+    """The run's model: ``config.model``'s preset with its overrides, for a vocabulary of ``vocab_size`` ids."""
+    padded_vocab = -(-vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
     overrides = config_files.given_model_overrides(config)
     if config.get("quantization"):  # with LoRA adapters QLoRA (a quantized base), else quantization-aware training
         overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
@@ -212,8 +213,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     fileio.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     task = TaskRegistry.get(config.task)
     eval_task = _eval_task(config, task)
+    _model_config(config, 128)  # a bad model name or override fails now, not after minutes of vocabulary training
     vocab = _vocabulary(config, task, workdir)
-    model_cfg = _model_config(config, vocab)
+    model_cfg = _model_config(config, vocab.vocab_size)
     if model_cfg.lora_rank and config.init_from:  # recorded absolute: the adapters-only checkpoints need the base
         config.init_from = str(fileio.workdir_path(config.init_from))
     if model_cfg.quantization and not model_cfg.lora_rank:

@@ -139,6 +139,12 @@ def test_two_processes_produce_the_rows_of_one_global_batch(numbers, vocab):
             np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
 
 
+def test_bucketed_batches_refuse_a_split_too_large_to_hold(numbers, vocab):
+    """The generated train split (2**31 - 1 examples) would be tokenized into memory for ever: refused at once."""
+    with pytest.raises(ValueError, match=r"'train' has 2,147,483,647 examples.*use batch_tokens=0"):
+        pipeline.bucket_plan(numbers, vocab, batch_tokens=256, split="train")
+
+
 def test_bucketed_batches_refuse_packing_and_span_corruption(numbers, vocab):
     with pytest.raises(ValueError, match="set pack=False"):
         _bucketed(numbers, vocab, pack=True)

@@ -98,6 +98,14 @@ def test_fused_attention_with_packing_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "packed" / "config.json").exists()
 
 
+def test_a_bad_model_override_fails_before_the_vocabulary_is_trained(tmp_path):
+    config = _config(tmp_path, 1)
+    config.model_overrides.num_heads = 0
+    with pytest.raises(ValueError, match=r"TransformerConfig\.num_heads=0: must be a positive integer"):
+        train.train_and_evaluate(config, str(tmp_path / "bad_model"))
+    assert not (tmp_path / "vocab_cache").exists()  # no vocabulary was trained first
+
+
 # ----------------------------------------------------------------------------------------------- early stopping
 
 

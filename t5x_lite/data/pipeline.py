@@ -233,6 +233,11 @@ def _feature_lengths(task: Task, lengths: Mapping[str, int] | None) -> dict[str,
     return {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
 
 
+# Length-bucketed batching measures the whole split in memory (a few bytes per token): WMT-sized corpora fit, a
+# generated split of 2**31 examples does not.
+BUCKETED_MAX_EXAMPLES = 100_000_000
+
+
 def _tokenized_split(
     task: Task | Mixture,
     vocab,
@@ -255,6 +260,12 @@ def _tokenized_split(
     source = task.get_source(split, data_dir=data_dir, tfds_data_dir=tfds_data_dir)
     if len(source) == 0:
         raise ValueError(f"task {task.name!r}: split {split!r} is empty")
+    if len(source) > BUCKETED_MAX_EXAMPLES:  # e.g. a generated split: tokenizing it would run for hours, or for ever
+        raise ValueError(
+            f"task {task.name!r}: split {split!r} has {len(source):,} examples; length-bucketed batches "
+            f"(batch_tokens > 0) tokenize the whole split into memory first and take at most "
+            f"{BUCKETED_MAX_EXAMPLES:,}: use batch_tokens=0 (packed or fixed-size batches) or a smaller split"
+        )
     return _tokenized(task, grain.MapDataset.source(source), vocab, seed, counter, on_overflow)
 
 
