@@ -20,10 +20,11 @@ Time:      a train step on a 128 x 32-token batch takes 0.38 s (full), 0.39 s (L
            experiments/results/compression.json), so 1,000 steps are some 8-15 minutes with evaluation.
 Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py model (docs/compression.md, QUIET
            2026-12-04): tokenized lowercased BLEU, beam 4. En->Fr test_2016_flickr: full fine-tuning 36.08; LoRA
-           rank 4 9.83, with ``lora_output=True`` 12.89, with ``lora_embed=True`` 13.81, and 19.95 at ``lr=0.015``
-           (4.5% of the parameters trainable, optimizer state 0.85 MB against 18.9 MB). TED (``tgt=ted``) test: full
-           fine-tuning 7.78, LoRA rank 4 4.31, with ``lora_embed=True`` 4.69. LoRA is far behind on both: full
-           fine-tuning's change is high-rank (experiments/lora_rank_analysis.py; docs/compression.md).
+           rank 4 9.83, with ``lora_output=True`` 12.89, with ``lora_embed=True`` 13.81, 19.95 at ``lr=0.015``
+           and 21.70 at ``lr=0.03`` (4.5% of the parameters trainable, optimizer state 0.85 MB against 18.9 MB).
+           TED (``tgt=ted``) test: full fine-tuning 7.78, LoRA rank 4 4.31, with ``lora_embed=True`` 4.69. LoRA is
+           far behind on both: full fine-tuning's change is high-rank (experiments/lora_rank_analysis.py;
+           docs/compression.md).
 
 ``init_from`` is a workdir of configs/multi30k.py (any step count); its vocabulary (a joint En/De BPE) is kept, so
 French is spelled in En/De pieces. The task ``multi30k_en{tgt}_tok`` lowercases and Moses-tokenizes the raw files
