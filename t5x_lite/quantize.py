@@ -43,7 +43,7 @@ def quantize_workdir(
     if loaded.model_cfg.lora_rank:
         raise ValueError(f"{workdir} holds LoRA adapters; merge them first (python -m t5x_lite.lora_merge)")
     params = loaded.params
-    if loaded.model_cfg.scan_layers:  # Qwix quantizes per layer: store the unscanned layout (same function)
+    if loaded.model_cfg.scan_layers:  # Qwix quantizes per layer (quantized_for_disk stacks them again to save)
         params = network.unscan_params(params, loaded.model_cfg)
     # A QAT-trained model (``qat``) becomes the PTQ model it was trained to be: the same rounding, stored.
     changes = dict(quantization=scheme, quantize_embeddings=not keep_embeddings, scan_layers=False, qat="")
