@@ -14,6 +14,8 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from t5x_lite import host_memory
+
 # What a command raises for bad input (a missing workdir, an unreadable or non-UTF-8 file, a wrong setting), as
 # opposed to a bug: printed as its message alone.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
@@ -111,4 +113,5 @@ def run(main: Callable[[list[str]], None]) -> None:
             fail(flag_error(error, sys.argv))
 
     sys.unraisablehook = _drop_closed_event_loop_noise
+    host_memory.keep_freed_memory()  # before the first computation: XLA:CPU's buffers reused step after step
     app.run(guarded, flags_parser=parse_flags)

@@ -34,7 +34,18 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import lora, models, network, optimizers, partitioning, quantization, quantize, train, trainer  # noqa: E402
+from t5x_lite import (  # noqa: E402
+    host_memory,
+    lora,
+    models,
+    network,
+    optimizers,
+    partitioning,
+    quantization,
+    quantize,
+    train,
+    trainer,
+)
 from t5x_lite.checkpoints import Checkpointer  # noqa: E402
 from t5x_lite.evaluation import LoadedModel, evaluate_loaded, load_workdir  # noqa: E402
 
@@ -246,6 +257,7 @@ def _step(row: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
     schemes = [s for s in args.schemes.split(",") if s]
     for scheme in schemes:
         quantization.check_scheme(scheme)

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import transformers
 
-from t5x_lite import convert, decoding
+from t5x_lite import convert, decoding, host_memory
 from t5x_lite.presets import get_model_config
 
 EOS_ID = 1
@@ -205,6 +205,7 @@ def bench_method(name, beams, args, model, cfg, params):
 
 
 def main(argv=None) -> None:
+    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="t5_small", help="a t5x_lite.presets preset with a HF T5 counterpart")
     parser.add_argument("--batch", type=int, default=32)

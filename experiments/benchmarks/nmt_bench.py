@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5x_lite import config_files, network, optimizers, partitioning, train, trainer  # noqa: E402
+from t5x_lite import config_files, host_memory, network, optimizers, partitioning, train, trainer  # noqa: E402
 from t5x_lite.data import bucketing, pipeline  # noqa: E402
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary  # noqa: E402
 
@@ -286,6 +286,7 @@ def run_ablation_row(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
     if args.ablation_row >= 0:
         run_ablation_row(args)
         return

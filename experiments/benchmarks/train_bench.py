@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from t5x_lite import flops, partitioning, trainer  # noqa: E402
+from t5x_lite import flops, host_memory, partitioning, trainer  # noqa: E402
 from t5x_lite.presets import get_model_config  # noqa: E402
 
 
@@ -153,6 +153,7 @@ class TorchSide:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
     jax_side_cfg = get_model_config(args.model)
     batch = make_batch(jax_side_cfg.vocab_size, args.batch, args.input_len, args.target_len)
     target_tokens, all_tokens = args.batch * args.target_len, args.batch * (args.input_len + args.target_len)
