@@ -2,8 +2,8 @@
 
 glibc's malloc serves a large request (over 32 MB at most, often far less) with a fresh ``mmap`` and gives it back to
 the kernel on ``free``. XLA:CPU allocates a program's temporary buffers on every execution, so each train step
-touched hundreds of MB of new pages: on the 2-core machine the Multi30k recipe's full fine-tuning took some
-130,000 page faults a second, a quarter of its CPU time in the kernel (docs/training.md). With ``mallopt`` told
+touched hundreds of MB of new pages: on the 2-core machine 300 steps of the Multi30k recipe took 35M page faults
+and 78-84 s of kernel time beside 199-277 s of user time (QUIET, docs/training.md). With ``mallopt`` told
 never to ``mmap`` (one arena, no trimming of its top), freed blocks stay in the heap and the next step reuses them:
 no faults. Memory that a process has once used is kept until it exits, and fragmentation raises its peak RSS
 (3.7-4.4 GB against 2.9-3.2 GB for the Multi30k recipe).
