@@ -17,7 +17,9 @@ Command:   python -m t5x_lite.train --config configs/multi30k_transfer.py:init_f
 Hardware:  one CPU (2 cores); any GPU or TPU works unchanged.
 Time:      a train step on a 128 x 32-token batch takes 0.38 s (full), 0.39 s (LoRA) and 0.76 s (LoRA with the
            output adapter: whole logits, no fused loss; 0.42 s with the table adapter) on the 2-core machine (QUIET,
-           experiments/results/compression.json), so 1,000 steps are some 8-15 minutes with evaluation.
+           experiments/results/compression.json), so 1,000 steps are some 8-15 minutes with evaluation. The train
+           command's own step over its length-bucketed batches: 0.42-0.48 s (LoRA) and 0.44-0.56 s (full; QUIET,
+           2026-12-04; LoRA took 2-3x longer there before trainer.train_compiler_options, docs/compression.md).
 Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py model (docs/compression.md, QUIET
            2026-12-04): tokenized lowercased BLEU, beam 4. En->Fr test_2016_flickr: full fine-tuning 36.08; LoRA
            rank 4 9.83, with ``lora_output=True`` 12.89, with ``lora_embed=True`` 13.81, 19.95 at ``lr=0.015``

@@ -3,6 +3,7 @@ moves the adapters only (no optimizer state for the base), init_from fills the b
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -19,6 +20,7 @@ from t5x_lite import (
     metrics,
     models,
     network,
+    partitioning,
     quantization,
     quantize,
     train,
@@ -186,6 +188,37 @@ def test_a_train_step_moves_the_adapters_only_and_keeps_no_state_for_the_base(ra
         )
     }
     assert all(moved == ("_lora_" in name) for name, moved in changed.items())
+
+
+def test_the_cpu_lora_step_with_ynnpack_elementwise_fusions_equals_the_default_compiled_one(random_params):
+    """compile_train_step gives a LoRA step on a CPU its own XLA option (trainer.train_compiler_options, a speed fix):
+    the step so compiled updates the adapters as the step compiled with XLA's defaults does."""
+    cfg = BASE.replace(lora_rank=2, dropout_rate=0.1, dropout_generator="hash", num_encoder_layers=2)
+    base_cfg = cfg.replace(lora_rank=0)
+    mesh = partitioning.make_mesh((-1, 1, 1))
+    assert trainer.train_compiler_options(cfg, mesh) == trainer.YNN_ELEMENTWISE
+    assert trainer.train_compiler_options(base_cfg, mesh) is None  # full fine-tuning keeps XLA's defaults
+    base = random_params(base_cfg)
+    params = _with_random_adapters(lora.insert_base(network.init_params(cfg, jax.random.key(0)), base))
+    optimizer = lora.adapters_only(optax.adam(1e-2))
+    batch = _batch(5, (7, 12))  # neither dimension a power of two: the shapes where the defaults fused badly
+
+    def state():  # a fresh copy each time: the compiled step donates the state passed in
+        fresh = jax.tree.map(jnp.copy, params)
+        return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=fresh, opt_state=optimizer.init(fresh))
+
+    step = trainer.compile_train_step(cfg, optimizer, mesh, "data_parallel", label_smoothing=0.1, loss_chunk_tokens=32)
+    with partitioning.activate(mesh, "data_parallel"):
+        new, metrics = step(state(), batch, jax.random.key(1))
+    plain = jax.jit(
+        functools.partial(
+            trainer.train_step, model_cfg=cfg, optimizer=optimizer, label_smoothing=0.1, loss_chunk_tokens=32
+        )
+    )
+    reference, reference_metrics = plain(state(), batch, jax.random.key(1))
+    np.testing.assert_allclose(float(metrics["loss"]), float(reference_metrics["loss"]), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference.params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
 def _unscanned(steps: int, tmp_path):
