@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_lite import adafactor, lora, losses, network, partitioning, quantization
@@ -469,9 +470,21 @@ def train_compiler_options(model_cfg: network.TransformerConfig, mesh: Mesh) -> 
     336 x 12 tokens (docs/compression.md). YNNPACK's elementwise fusions materialize the chain and bring the LoRA
     step back to full fine-tuning's time. Full fine-tuning keeps the defaults: the option made its step slower (0.65
     against 0.57 s, mean over the eight Multi30k bucket shapes, three interleaved QUIET runs, 2026-12-04)."""
-    if model_cfg.lora_rank and mesh.devices.flat[0].platform == "cpu":
+    if model_cfg.lora_rank and mesh.devices.flat[0].platform == "cpu" and _xla_accepts(tuple(YNN_ELEMENTWISE.items())):
         return dict(YNN_ELEMENTWISE)
     return None
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's compiler knows ``options`` ((name, value) pairs): an experimental flag may be renamed or
+    dropped in a later release, and then the step compiles with XLA's defaults, slower but correct, with a warning."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((), jnp.float32)).compile()
+    except Exception as error:  # XLA answers an unknown option or value with INVALID_ARGUMENT
+        logging.warning("XLA options %s not accepted (%s): compiling with XLA's defaults", options, error)
+        return False
+    return True
 
 
 class _WithTeacher:
