@@ -173,13 +173,7 @@ def insert_base(params: Any, base: Mapping[str, Any]) -> Any:
     def take(path: tuple[Any, ...], leaf: Any) -> Any:
         if is_adapter(path):
             return leaf
-        value = base
-        for key in path:
-            key = getattr(key, "key", key)
-            if not isinstance(value, Mapping) or key not in value:
-                name = "/".join(str(getattr(k, "key", k)) for k in path)
-                raise ValueError(f"the base checkpoint has no parameter {name!r}: written for another model?")
-            value = value[key]
+        value = quantization.lookup(base, path, "the base checkpoint")
         return jnp.asarray(value, leaf.dtype) if hasattr(leaf, "dtype") else value
 
     return jax.tree_util.tree_map_with_path(take, params)

@@ -149,6 +149,23 @@ def to_storage(quantized: Any) -> Any:
     return jax.tree.map(store, quantized, is_leaf=is_quantized)
 
 
+def path_name(path: tuple[Any, ...]) -> str:
+    """``a/b/c`` for a tree path of dict keys (as ``jax.tree_util.tree_map_with_path`` gives it)."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def lookup(tree: Mapping[str, Any], path: tuple[Any, ...], source: str) -> Any:
+    """The value of nested dicts ``tree`` at a tree path of another tree (the same model's parameters); ValueError
+    naming the parameter that ``source`` (e.g. "the base checkpoint") lacks."""
+    value = tree
+    for key in path:
+        key = getattr(key, "key", key)
+        if not isinstance(value, Mapping) or key not in value:
+            raise ValueError(f"{source} has no parameter {path_name(path)!r}: written for another model?")
+        value = value[key]
+    return value
+
+
 def from_storage(stored: Mapping[str, Any], abstract: Any) -> Any:
     """Inverse of ``to_storage``: rebuild the ``WithAux[QArray]`` leaves that ``abstract`` says are quantized.
 
@@ -157,13 +174,8 @@ def from_storage(stored: Mapping[str, Any], abstract: Any) -> Any:
     """
 
     def rebuild(path: tuple[Any, ...], template: Any) -> Any:
-        name = "/".join(str(getattr(key, "key", key)) for key in path)
-        value = stored
-        for key in path:
-            key = getattr(key, "key", key)
-            if not isinstance(value, Mapping) or key not in value:
-                raise ValueError(f"the quantized checkpoint has no parameter {name!r}: written for another model?")
-            value = value[key]
+        name = path_name(path)
+        value = lookup(stored, path, "the quantized checkpoint")
         if is_quantized(template):
             if not isinstance(value, Mapping) or not {"qvalue", "scale"} <= set(value):
                 raise ValueError(f"parameter {name!r} is quantized in the model; the checkpoint holds an array")
