@@ -466,10 +466,11 @@ def train_compiler_options(model_cfg: network.TransformerConfig, mesh: Mesh) -> 
     A LoRA step on a CPU gets ``YNN_ELEMENTWISE``. Differentiating with respect to the adapters alone leaves the
     backward pass's elementwise chain (layer-norm and dropout gradients) with only small rank-R dots as consumers, and
     with XLA:CPU's defaults its loop fusions then recompute that chain across layers, inside transposing copies, at
-    most batch shapes (all but a few power-of-two ones): 1.7-1.9 s a step against 0.5-0.7 s for full fine-tuning at
-    336 x 12 tokens (docs/compression.md). YNNPACK's elementwise fusions materialize the chain and bring the LoRA
-    step back to full fine-tuning's time. Full fine-tuning keeps the defaults: the option made its step slower (0.65
-    against 0.57 s, mean over the eight Multi30k bucket shapes, three interleaved QUIET runs, 2026-12-04)."""
+    most batch shapes (all but a few power-of-two ones): in the train command 0.90-1.34 s a step against 0.44-0.56 s
+    for full fine-tuning (QUIET, docs/compression.md). YNNPACK's elementwise fusions materialize the chain and bring
+    the LoRA step back to full fine-tuning's time. Full fine-tuning keeps the defaults: the option made its step
+    slower (0.65 against 0.57 s, mean over the eight Multi30k bucket shapes, three interleaved QUIET runs,
+    2026-12-04)."""
     if model_cfg.lora_rank and mesh.devices.flat[0].platform == "cpu" and _xla_accepts(tuple(YNN_ELEMENTWISE.items())):
         return dict(YNN_ELEMENTWISE)
     return None
