@@ -49,7 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from t5x_lite import fileio
+from t5x_lite import adafactor, fileio
 
 CHECKPOINTS_DIR = "checkpoints"
 VOCAB_DIR = "vocab"
@@ -149,15 +149,7 @@ def _first_line(error: BaseException) -> str:
 
 def _path_name(path: tuple[Any, ...]) -> str:
     """``params/encoder/layers_0/...`` of a jax key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return "/".join(adafactor.path_names(path))
 
 
 def _to_json_dict(config: Any) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import numpy as np
 import qwix
 from qwix._src.providers.ptq import WithAux  # the PTQ leaf type; not re-exported by qwix
 
+from t5x_lite import adafactor
+
 # scheme -> (weight type, activation type or None). Activations are quantized dynamically (per token, from
 # their own absolute maximum), the default of Qwix's XLA path.
 SCHEMES: dict[str, tuple[Any, Any]] = {
@@ -149,11 +151,6 @@ def to_storage(quantized: Any) -> Any:
     return jax.tree.map(store, quantized, is_leaf=is_quantized)
 
 
-def path_name(path: tuple[Any, ...]) -> str:
-    """``a/b/c`` for a tree path of dict keys (as ``jax.tree_util.tree_map_with_path`` gives it)."""
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
 def lookup(tree: Mapping[str, Any], path: tuple[Any, ...], source: str) -> Any:
     """The value of nested dicts ``tree`` at a tree path of another tree (the same model's parameters); ValueError
     naming the parameter that ``source`` (e.g. "the base checkpoint") lacks."""
@@ -161,7 +158,8 @@ def lookup(tree: Mapping[str, Any], path: tuple[Any, ...], source: str) -> Any:
     for key in path:
         key = getattr(key, "key", key)
         if not isinstance(value, Mapping) or key not in value:
-            raise ValueError(f"{source} has no parameter {path_name(path)!r}: written for another model?")
+            name = "/".join(adafactor.path_names(path))
+            raise ValueError(f"{source} has no parameter {name!r}: written for another model?")
         value = value[key]
     return value
 
@@ -174,7 +172,7 @@ def from_storage(stored: Mapping[str, Any], abstract: Any) -> Any:
     """
 
     def rebuild(path: tuple[Any, ...], template: Any) -> Any:
-        name = path_name(path)
+        name = "/".join(adafactor.path_names(path))
         value = lookup(stored, path, "the quantized checkpoint")
         if is_quantized(template):
             if not isinstance(value, Mapping) or not {"qvalue", "scale"} <= set(value):
