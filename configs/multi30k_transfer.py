@@ -39,8 +39,8 @@ one on the token table itself, seen by the lookups and the tied output projectio
 Dropout is 0.1, not the from-scratch recipe's 0.3: on En->Fr it gave 33.16 instead of 25.19
 validation BLEU (full fine-tuning, greedy) and 9.49 instead of 4.90 (LoRA rank 4) after 1,000 steps.
 
-Options: ``:init_from=DIR,tgt=fr|cs|ted,lora_rank=0,lora_alpha=0,lora_output=False,lora_embed=False,steps=1500,lr=0,
-seed=1`` and
+Options: ``:init_from=DIR,tgt=fr|cs|ted,lora_rank=0,lora_alpha=0,lora_output=False,lora_embed=False,lora_rows=0,
+rows_lr=0,steps=1500,lr=0,seed=1`` and
 ``--config.key=value`` (``--config.quantization=int8`` with ``lora_rank``: QLoRA).
 """
 
@@ -59,6 +59,8 @@ OPTIONS = {
     "lora_alpha": 0.0,
     "lora_output": False,
     "lora_embed": False,
+    "lora_rows": 0,
+    "rows_lr": 0.0,
     "steps": 1500,
     "lr": 0.0,
     "seed": 1,
@@ -86,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_overrides.lora_rank = rank
     config.model_overrides.lora_output = bool(options["lora_output"])
     config.model_overrides.lora_embed = bool(options["lora_embed"])
+    config.lora_rows = options["lora_rows"]
+    config.lora_rows_lr = options["rows_lr"]
     config.model_overrides.dropout_rate = 0.1  # better than 0.3 for fine-tuning here, full and LoRA (docstring)
     if options["lora_alpha"]:
         config.model_overrides.lora_alpha = options["lora_alpha"]

@@ -103,6 +103,10 @@ def default_train_config() -> ml_collections.ConfigDict:
     # model_overrides.qat. The trained workdir converts with python -m t5x_lite.quantize --scheme the same.
     # With model_overrides.lora_rank > 0 it is QLoRA instead: the frozen base held quantized, float adapters.
     config.quantization = ""
+    # LoRA (model_overrides.lora_rank > 0): besides the adapters, train a full change of the token-table rows of
+    # the fine-tuning data's ``lora_rows`` most frequent target tokens (model_overrides.lora_rows, chosen at start)
+    config.lora_rows = 0
+    config.lora_rows_lr = 0.0  # their peak learning rate (same schedule); 0: the adapters' learning_rate
     # Unstructured magnitude pruning while training (t5x_lite.sparsity): the fraction of every dense kernel's
     # entries set to zero rises as a cubic from prune_start_step to prune_end_step (Zhu & Gupta 2017); 0: off.
     config.prune_sparsity = 0.0

@@ -115,6 +115,9 @@ class Embed(nn.Module):
     # in lookups and in ``attend`` alike, A [num_embeddings, rank] starting at zero, B [rank, features] random.
     lora_rank: int = 0
     lora_scale: float = 1.0
+    # Trainable rows (``TransformerConfig.lora_rows``, PEFT's "trainable tokens"): the table acts as ``embedding``
+    # with ``delta[i]`` added to row ``lora_rows[i]``, delta [len(lora_rows), features] starting at zero.
+    lora_rows: tuple[int, ...] = ()
 
     def setup(self) -> None:
         self.embedding = self.param(
@@ -135,6 +138,14 @@ class Embed(nn.Module):
                 shape_b,
                 self.param_dtype,
             )
+        if self.lora_rows:
+            self.embedding_lora_rows = self.param(
+                "embedding_lora_rows",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                (len(self.lora_rows), self.features),
+                self.param_dtype,
+            )
+        if self.lora_rank or self.lora_rows:
             self.lora_table = LowRankProduct(self.lora_scale, self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -147,7 +158,13 @@ class Embed(nn.Module):
             rows = jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
         if self.lora_rank:
             rows = rows + self.lora_table.rows(jnp.take(self.embedding_lora_a, ids, axis=0), self.embedding_lora_b)
+        if self.lora_rows:
+            rows = rows + jnp.take(self._row_changes(), ids, axis=0)
         return rows
+
+    def _row_changes(self) -> jax.Array:
+        """The trainable rows' changes as a whole table: zero in every row that ``lora_rows`` does not name."""
+        return row_changes(self.embedding_lora_rows, self.lora_rows, self.num_embeddings).astype(self.dtype)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""
@@ -157,12 +174,20 @@ class Embed(nn.Module):
         logits = jax.lax.dot_general(query, jnp.asarray(self.embedding, self.dtype), contract)
         if self.lora_rank:
             logits = logits + self.lora_table.logits(query, self.embedding_lora_a, self.embedding_lora_b)
+        if self.lora_rows:
+            logits = logits + self.lora_table.attend(query, self._row_changes())
         return logits
 
 
+def row_changes(delta: jax.Array, rows: tuple[int, ...], num_rows: int) -> jax.Array:
+    """A [num_rows, features] table holding ``delta[i]`` in row ``rows[i]`` and zeros elsewhere."""
+    return jnp.zeros((num_rows, delta.shape[-1]), delta.dtype).at[np.asarray(rows, np.int32)].set(delta)
+
+
 class LowRankProduct(nn.Module):
-    """The matmuls of a token table's adapter (``Embed.lora_rank``), in a module of their own without parameters,
-    so that Qwix's rules (``lora.wrap``) can leave them alone: neither quantized nor given adapters of their own."""
+    """The matmuls of a token table's adapter (``Embed.lora_rank``, ``Embed.lora_rows``), in a module of their own
+    without parameters, so that Qwix's rules (``lora.wrap``) can leave them alone: neither quantized nor given
+    adapters of their own."""
 
     scale: float
     dtype: jnp.dtype = jnp.float32
@@ -175,6 +200,10 @@ class LowRankProduct(nn.Module):
         """``query @ (A @ B).T * scale``: [..., features] -> [..., rows of A], through the rank."""
         low = jnp.einsum("...f,rf->...r", query, jnp.asarray(b, self.dtype))
         return jnp.einsum("...r,vr->...v", low, jnp.asarray(a, self.dtype)) * self.scale
+
+    def attend(self, query: jax.Array, table: jax.Array) -> jax.Array:
+        """``query @ table.T`` (the trainable rows' changes, ``Embed.lora_rows``): [..., features] -> [..., rows]."""
+        return jnp.einsum("...f,vf->...v", query, table)
 
 
 class RMSNorm(nn.Module):

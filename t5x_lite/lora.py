@@ -3,7 +3,10 @@
 Qwix's ``LoraProvider`` intercepts each ``dot_general`` on a weight ``W`` (shape ``[in..., out...]``) and adds
 ``x @ A @ B * alpha / rank``, with ``A`` (``[prod(in), rank]``, He-uniform) and ``B`` (``[rank, prod(out)]``,
 zeros) created next to ``W`` as ``kernel_lora_a`` / ``kernel_lora_b``. B starts at zero, so a fresh adapter leaves
-the base model's outputs unchanged. Token embeddings and the (tied) output projection keep no adapter.
+the base model's outputs unchanged. Token embeddings and the (tied) output projection keep no adapter, unless
+asked: ``lora_output`` (Qwix's adapter on the output projection), ``lora_embed`` (a low-rank adapter on the table
+itself) and ``lora_rows`` (a full trainable change of chosen table rows; ``data.pipeline.most_frequent_tokens``
+picks them).
 
 Training (``TransformerConfig.lora_rank > 0``) updates the adapters only: the train step differentiates with
 respect to the adapters alone (``split``; no weight-gradient matmuls for the base) and ``adapters_only`` gives the
@@ -28,10 +31,11 @@ import numpy as np
 import optax
 import qwix
 
-from t5x_lite import quantization
+from t5x_lite import layers, quantization
 from t5x_lite.quantization import EMBEDDING_MODULES, METHODS
 
-ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+# the factors of a low-rank adapter, and a token table's trainable rows (``TransformerConfig.lora_rows``)
+ADAPTER_SUFFIXES = ("_lora_a", "_lora_b", "_lora_rows")
 
 
 def check(rank: int, alpha: float | None) -> None:
@@ -86,9 +90,16 @@ def is_adapter(path: tuple[Any, ...]) -> bool:
     return _name(path).endswith(ADAPTER_SUFFIXES)
 
 
-def labels(params: Any) -> Any:
-    """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
+def labels(params: Any, rows_apart: bool = False) -> Any:
+    """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels); with
+    ``rows_apart`` a token table's trainable rows are ``"rows"``."""
+
+    def label(path: tuple[Any, ...], _: Any) -> str:
+        if rows_apart and _name(path).endswith("_lora_rows"):
+            return "rows"
+        return "adapter" if is_adapter(path) else "frozen"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def split(params: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
@@ -111,9 +122,18 @@ def full_gradient(adapter_grads: list[Any], params: Any) -> Any:
     return rebuild(adapter_grads)
 
 
-def adapters_only(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``optimizer`` on the adapters; the base weights never move and hold no optimizer state."""
-    return optax.multi_transform({"adapter": optimizer, "frozen": optax.set_to_zero()}, labels)
+def adapters_only(optimizer: optax.GradientTransformation, rows_scale: float = 1.0) -> optax.GradientTransformation:
+    """``optimizer`` on the adapters; the base weights never move and hold no optimizer state. ``rows_scale``
+    multiplies the updates of trainable token-table rows (``lora_rows``): their learning rate relative to the
+    adapters', whose zero-started low-rank factors usually want a larger one than a full weight does."""
+    if rows_scale == 1.0:
+        return optax.multi_transform({"adapter": optimizer, "frozen": optax.set_to_zero()}, labels)
+    transforms = {
+        "adapter": optimizer,
+        "rows": optax.chain(optimizer, optax.scale(rows_scale)),
+        "frozen": optax.set_to_zero(),
+    }
+    return optax.multi_transform(transforms, functools.partial(labels, rows_apart=True))
 
 
 def holds_adapters(params: Any) -> bool:
@@ -204,10 +224,13 @@ def untie_output_adapter(params: Mapping[str, Any], rank: int, alpha: float | No
     return out, True
 
 
-def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> dict[str, Any]:
+def merge(
+    params: Mapping[str, Any], rank: int, alpha: float | None = None, rows: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """The plain parameters that ``params`` (a LoRA model's) compute: every ``W`` becomes
-    ``W + reshape(A @ B) * alpha / rank`` and the adapters are dropped. ValueError on factors that do not fit. (A
-    tied table's output adapter needs ``untie_output_adapter`` first.)"""
+    ``W + reshape(A @ B) * alpha / rank``, a token table's trainable rows (``lora_rows`` = ``rows``) are added to
+    its rows ``rows``, and the adapters are dropped. ValueError on factors that do not fit. (A tied table's output
+    adapter needs ``untie_output_adapter`` first.)"""
     check(rank, alpha)
     factor = scale(rank, alpha)
 
@@ -219,11 +242,19 @@ def merge(params: Mapping[str, Any], rank: int, alpha: float | None = None) -> d
             if isinstance(value, Mapping):
                 out[key] = fold(value, f"{where}{key}/")
                 continue
-            a, b = node.get(key + "_lora_a"), node.get(key + "_lora_b")
-            if a is None and b is None:
-                out[key] = value
-                continue
+            a, b, changed = node.get(key + "_lora_a"), node.get(key + "_lora_b"), node.get(key + "_lora_rows")
             weight = jnp.asarray(value)
+            if changed is not None:
+                if np.shape(changed) != (len(rows), weight.shape[-1]) or weight.ndim != 2:
+                    raise ValueError(
+                        f"{where}{key}: trainable rows {list(np.shape(changed))} do not fit the table "
+                        f"{list(weight.shape)} and lora_rows ({len(rows)} ids)"
+                    )
+                changes = layers.row_changes(jnp.asarray(changed, jnp.float32), rows, weight.shape[0])
+                weight = (weight.astype(jnp.float32) + changes).astype(weight.dtype)
+            if a is None and b is None:
+                out[key] = weight if changed is not None else value
+                continue
             if a is None or b is None or np.ndim(a) != 2 or np.ndim(b) != 2 or a.shape[1] != b.shape[0]:
                 raise ValueError(f"{where}{key}: incomplete adapter (needs lora_a [in, rank] and lora_b [rank, out])")
             lead = _split(weight.shape, a.shape[0])

@@ -30,11 +30,11 @@ def merge_workdir(
     # QLoRA: the quantized base is dequantized first; the merged model is float (quantize it again if wanted)
     params = quantization.dequantize_params(loaded.params)
     # an output adapter on a tied table becomes an untied output projection (the table still embeds the inputs);
-    # a table's own adapter (lora_embed) folds into the table like any other weight's
+    # a table's own adapter (lora_embed) and trainable rows (lora_rows) fold into the table
     untied = False
     if cfg.lora_output and cfg.tie_word_embeddings:
         params, untied = lora.untie_output_adapter(params, cfg.lora_rank, cfg.lora_alpha)
-    params = lora.merge(params, cfg.lora_rank, cfg.lora_alpha)
+    params = lora.merge(params, cfg.lora_rank, cfg.lora_alpha, cfg.lora_rows)
     record = {
         "source_workdir": str(fileio.workdir_path(workdir)),
         "source_steps": list(loaded.steps),
@@ -54,6 +54,7 @@ def merge_workdir(
             "lora_alpha": None,
             "lora_output": False,
             "lora_embed": False,
+            "lora_rows": [],
             "quantization": "",
             **({"tie_word_embeddings": False} if untied else {}),
         },

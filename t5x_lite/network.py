@@ -93,6 +93,10 @@ class TransformerConfig:
     # projection alike; A [vocab, rank] starts at zero): new tokens get new embeddings. A tied table's adapter
     # already adapts the output projection, so it does not go with lora_output.
     lora_embed: bool = False
+    # ... and a full trainable change of these token-table rows (PEFT's "trainable tokens"; the train command picks
+    # the ``lora_rows`` most frequent target tokens of the fine-tuning data, train config ``lora_rows``): a new
+    # target language's frequent tokens get embeddings of their own, which a low-rank table adapter cannot give.
+    lora_rows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def fail(field: str, message: str) -> None:
@@ -168,6 +172,16 @@ class TransformerConfig:
             fail("lora_embed", "adds an adapter to the token tables: set lora_rank > 0 too")
         if self.lora_embed and self.lora_output and self.tie_word_embeddings:
             fail("lora_output", "the tied table's lora_embed adapter already adapts the output projection: drop one")
+        if self.lora_rows:
+            if not self.lora_rank:
+                fail("lora_rows", "adds trainable token-table rows to LoRA: set lora_rank > 0 too")
+            rows = self.lora_rows
+            if not all(type(row) is int and 0 <= row < self.vocab_size for row in rows):
+                fail("lora_rows", f"must be token ids in [0, vocab_size={self.vocab_size})")
+            if len(set(rows)) != len(rows):
+                fail("lora_rows", "names a row twice")
+            if self.lora_output and self.tie_word_embeddings:
+                fail("lora_output", "the tied table's lora_rows already adapt the output projection: drop one")
         if self.position_embedding == "relative":
             if self.relative_attention_num_buckets < 4:
                 fail("relative_attention_num_buckets", "must be at least 4")
@@ -217,6 +231,8 @@ class TransformerConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"TransformerConfig has no field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+        if isinstance(values.get("lora_rows"), list):  # a tuple written to JSON (config.json) reads back as a list
+            values = {**values, "lora_rows": tuple(values["lora_rows"])}
         return cls(**values)
 
 
@@ -321,6 +337,7 @@ def _embed(cfg: TransformerConfig, name: str) -> layers.Embed:
         qat=cfg.qat if cfg.qat and cfg.quantize_embeddings and cfg.tie_word_embeddings else "",
         lora_rank=cfg.lora_rank if cfg.lora_embed else 0,
         lora_scale=lora.scale(cfg.lora_rank, cfg.lora_alpha) if cfg.lora_embed else 1.0,
+        lora_rows=cfg.lora_rows,
         name=name,
     )
 
@@ -830,7 +847,7 @@ def quantized_abstract_params(cfg: TransformerConfig) -> Any:
 
 def without_lora(cfg: TransformerConfig) -> TransformerConfig:
     """``cfg``'s base model: the same network without LoRA adapters (a QLoRA model's stays quantized)."""
-    return cfg.replace(lora_rank=0, lora_alpha=None, lora_output=False, lora_embed=False)
+    return cfg.replace(lora_rank=0, lora_alpha=None, lora_output=False, lora_embed=False, lora_rows=())
 
 
 def stored_params(cfg: TransformerConfig) -> Any:
@@ -992,12 +1009,14 @@ def output_projection(cfg: TransformerConfig, params: Any) -> jax.Array | None:
     if not cfg.tie_word_embeddings:
         return params["decoder"]["logits_dense"]["kernel"]
     table = params["token_embedder"] if cfg.share_embeddings else params["decoder"]["token_embedder"]
+    embedding = table["embedding"]
     if cfg.lora_embed:  # the adapted table, as Embed.attend computes with it
-        return (
-            table["embedding"]
-            + table["embedding_lora_a"] @ table["embedding_lora_b"] * lora.scale(cfg.lora_rank, cfg.lora_alpha)
-        ).T
-    return table["embedding"].T
+        embedding = embedding + table["embedding_lora_a"] @ table["embedding_lora_b"] * lora.scale(
+            cfg.lora_rank, cfg.lora_alpha
+        )
+    if cfg.lora_rows:
+        embedding = embedding + layers.row_changes(table["embedding_lora_rows"], cfg.lora_rows, cfg.vocab_size)
+    return embedding.T
 
 
 def init_decode_cache(

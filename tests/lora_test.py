@@ -4,6 +4,7 @@ moves the adapters only (no optimizer state for the base), init_from fills the b
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -26,6 +27,9 @@ from t5x_lite import (
     train,
     trainer,
 )
+from t5x_lite.data import pipeline
+from t5x_lite.data.tasks import TaskRegistry
+from t5x_lite.data.vocab import Vocabulary
 from tests import tiny_config
 from tests.conftest import CLASSIC_POST_LN_SINUSOIDAL
 
@@ -150,6 +154,77 @@ def test_a_table_adapter_moves_lookups_and_logits_alike_and_merges_into_the_tied
     )
 
 
+@pytest.mark.parametrize("share_embeddings", [True, False])
+def test_trainable_rows_change_their_rows_only_in_lookups_and_logits_and_merge_into_the_table(
+    random_params, share_embeddings
+):
+    base_cfg = BASE.replace(share_embeddings=share_embeddings)
+    base = random_params(base_cfg)
+    rows = (3, 7, 40, 63)
+    adapted_cfg = base_cfg.replace(lora_rank=2, lora_rows=rows)
+    fresh = lora.insert_base(network.init_params(adapted_cfg, jax.random.key(0)), base)
+    tables = (
+        [fresh["token_embedder"]] if share_embeddings else [fresh[s]["token_embedder"] for s in ("encoder", "decoder")]
+    )
+    assert all(
+        table["embedding_lora_rows"].shape == (4, 16) and not np.any(table["embedding_lora_rows"]) for table in tables
+    )
+    # rank 2 on 16 matrices, plus 4 rows of 16 per table; the row ids are config, not parameters
+    assert lora.count_adapter_params(fresh) == lora.count_adapter_params(
+        network.init_params(base_cfg.replace(lora_rank=2), jax.random.key(0))
+    ) + 4 * 16 * len(tables)
+    encoder, decoder = jnp.array([[3, 5, 7, 2, 9, 1]]), jnp.array([[0, 40, 6, 63, 8, 1]])
+    expected = network.build_model(base_cfg).apply({"params": base}, encoder, decoder)
+    np.testing.assert_array_equal(network.build_model(adapted_cfg).apply({"params": fresh}, encoder, decoder), expected)
+
+    trained = _with_random_adapters(fresh)
+    model = network.build_model(adapted_cfg)
+    adapted_out = model.apply({"params": trained}, encoder, decoder)
+    # The fused loss's projection is the changed table: hidden states times it give the model's logits.
+    hidden = model.apply({"params": trained}, encoder, decoder, return_hidden=True)
+    np.testing.assert_allclose(
+        hidden @ network.output_projection(adapted_cfg, trained), adapted_out, atol=2e-5, rtol=2e-5
+    )
+    # Merging adds the changes to their rows: the other rows stay the base's, and the merged model computes the same.
+    merged = lora.merge(trained, 2, None, rows)
+    network.check_params_match(base_cfg, merged)
+    for where in ["token_embedder"] if share_embeddings else ["encoder", "decoder"]:
+        new_table = (merged if share_embeddings else merged[where])["token_embedder"]["embedding"]
+        old_table = (base if share_embeddings else base[where])["token_embedder"]["embedding"]
+        moved = np.flatnonzero(np.any(np.asarray(new_table) != np.asarray(old_table), axis=1))
+        assert tuple(moved) == rows
+    np.testing.assert_allclose(
+        network.build_model(base_cfg).apply({"params": merged}, encoder, decoder), adapted_out, atol=2e-5, rtol=2e-5
+    )
+    with pytest.raises(ValueError, match=r"trainable rows \[4, 16\] do not fit the table \[64, 16\] and lora_rows"):
+        lora.merge(trained, 2, None, rows[:3])
+    # The row ids survive config.json (a JSON list) as a tuple: a hashable config, the same model
+    assert network.TransformerConfig.from_dict(json.loads(json.dumps(adapted_cfg.to_dict()))) == adapted_cfg
+
+
+def test_trainable_rows_take_their_own_learning_rate_and_the_base_none(random_params):
+    cfg = BASE.replace(lora_rank=2, lora_rows=(4, 9))
+    params = lora.insert_base(network.init_params(cfg, jax.random.key(0)), random_params(BASE))
+    grads = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.5, leaf.dtype), params)
+
+    def first_update(rows_scale):
+        optimizer = lora.adapters_only(optax.adam(1e-2), rows_scale)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return {
+            jax.tree_util.keystr(path): np.asarray(u) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+        }
+
+    same, scaled = first_update(1.0), first_update(0.25)
+    for name, update in same.items():
+        if name.endswith("['embedding_lora_rows']"):
+            np.testing.assert_allclose(scaled[name], 0.25 * update, rtol=1e-6)
+            assert np.all(update != 0)
+        elif "_lora_" in name:
+            np.testing.assert_array_equal(scaled[name], update)  # the adapters keep the learning rate
+        else:
+            assert not np.any(scaled[name]) and not np.any(update)  # the base never moves
+
+
 def test_a_qlora_table_adapter_is_applied_in_float_with_no_adapter_of_its_own(random_params):
     ptq_cfg = BASE.replace(quantization="int8")
     qlora_cfg = ptq_cfg.replace(lora_rank=2, lora_embed=True)
@@ -231,14 +306,15 @@ def _unscanned(steps: int, tmp_path):
     return config
 
 
-@pytest.mark.parametrize("lora_embed", [False, True])
-def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path, lora_embed):
+@pytest.mark.parametrize("table_change", ["none", "lora_embed", "lora_rows"])
+def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path, table_change):
     base_dir, lora_dir, merged_dir = (str(tmp_path / name) for name in ("base", "lora", "merged"))
     train.train_and_evaluate(_unscanned(6, tmp_path), base_dir)
     config = _unscanned(6, tmp_path)
     config.init_from = base_dir
     config.model_overrides.lora_rank = 2
-    config.model_overrides.lora_embed = lora_embed
+    config.model_overrides.lora_embed = table_change == "lora_embed"
+    config.lora_rows = 5 if table_change == "lora_rows" else 0
     config.learning_rate = 3e-2
     config.log_every_steps = 1
     train.train_and_evaluate(config, lora_dir)
@@ -265,8 +341,15 @@ def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path, lora_embed):
     ]
     tables += [(merged["token_embedder"], base["token_embedder"])] if "token_embedder" in merged else []
     assert tables and all(
-        np.array_equal(new["embedding"], old["embedding"]) != lora_embed for new, old in tables
-    )  # a table adapter is folded into its table; without one the table is the base's
+        np.array_equal(new["embedding"], old["embedding"]) == (table_change == "none") for new, old in tables
+    )  # a table adapter or trainable rows are folded into the table; without them the table is the base's
+    if table_change == "lora_rows":  # the 5 most frequent target tokens of the training split, and only they, moved
+        saved = json.loads((tmp_path / "lora" / "config.json").read_text())
+        chosen = network.TransformerConfig.from_dict(saved["model"]).lora_rows
+        vocab = Vocabulary.load(os.path.join(lora_dir, "vocab"))
+        assert chosen == pipeline.most_frequent_tokens(TaskRegistry.get(config.task), vocab, 5) and len(chosen) == 5
+        for new, old in tables:
+            assert tuple(np.flatnonzero(np.any(new["embedding"] != old["embedding"], axis=1))) == chosen
     # The checkpoints hold the adapters (and their optimizer state) only; load_params and resume add the base.
     saved = checkpoints.Checkpointer(lora_dir, save_every_steps=1, read_only=True)
     saved_params = saved.state_metadata()["params"]
@@ -282,6 +365,26 @@ def test_lora_fine_tuning_from_a_base_workdir_then_merge(tmp_path, lora_embed):
 
     assert lora_merge.main(["--workdir", base_dir, "--out", str(tmp_path / "x")]) == 2  # not a LoRA run
     assert lora_merge.main(["--workdir", lora_dir, "--out", lora_dir]) == 2  # into itself
+
+
+def test_most_frequent_tokens_counts_the_split_and_lora_rows_needs_lora(tmp_path):
+    config = _unscanned(2, tmp_path)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    task, vocab = TaskRegistry.get(config.task), Vocabulary.load(str(tmp_path / "run" / "vocab"))
+    counts = np.zeros(vocab.vocab_size, np.int64)
+    source = task.get_source("train")  # generated, endless: the first 2,000 examples
+    for index in range(2000):
+        np.add.at(counts, task.tokenize(source[index], vocab)["targets"], 1)
+    chosen = pipeline.most_frequent_tokens(task, vocab, 7, max_examples=2000)
+    assert len(chosen) == 7 and list(chosen) == sorted(chosen)
+    assert counts[list(chosen)].min() >= np.delete(counts, list(chosen)).max()  # no token left out is more frequent
+    every = pipeline.most_frequent_tokens(task, vocab, vocab.vocab_size + 5, max_examples=2000)  # those that occur
+    assert every == tuple(int(i) for i in np.flatnonzero(counts))
+    with pytest.raises(ValueError, match="count=0 must be at least 1"):
+        pipeline.most_frequent_tokens(task, vocab, 0)
+    config.lora_rows = 3  # without lora_rank: refused before any step
+    with pytest.raises(ValueError, match="lora_rows=3 must be a non-negative integer, with model_overrides.lora_rank"):
+        train.train_and_evaluate(config, str(tmp_path / "rows"))
 
 
 def _stored(params):
@@ -385,6 +488,10 @@ def test_qlora_refuses_a_base_quantized_with_another_scheme(tmp_path):
         (dict(lora_output=True), "set lora_rank > 0 too"),
         (dict(lora_embed=True), "set lora_rank > 0 too"),
         (dict(lora_rank=2, lora_embed=True, lora_output=True), "already adapts the output projection"),
+        (dict(lora_rows=(1, 2)), "lora_rows=\\(1, 2\\).*set lora_rank > 0 too"),
+        (dict(lora_rank=2, lora_rows=(1, 64)), "must be token ids in \\[0, vocab_size=64\\)"),
+        (dict(lora_rank=2, lora_rows=(5, 5)), "names a row twice"),
+        (dict(lora_rank=2, lora_rows=(5,), lora_output=True), "lora_rows already adapt the output projection"),
     ],
 )
 def test_bad_lora_settings(changes, message):

@@ -212,6 +212,32 @@ def bucket_plan(
     )
 
 
+def most_frequent_tokens(
+    task: Task | Mixture,
+    vocab,
+    count: int,
+    *,
+    feature: str = "targets",
+    split: str = "train",
+    max_examples: int = 50_000,
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+) -> tuple[int, ...]:
+    """The ids of the ``count`` tokens most frequent in ``feature`` of a seq2seq task's split (its first
+    ``max_examples`` examples in source order; ties: the lower id), in increasing id order, fewer when fewer distinct
+    tokens occur. Chooses a LoRA run's trainable token-table rows (``TransformerConfig.lora_rows``)."""
+    if count < 1:
+        raise ValueError(f"count={count} must be at least 1")
+    if isinstance(task, Mixture) or task.objective != "seq2seq":
+        raise ValueError(f"task {task.name!r}: token frequencies are counted on one seq2seq task's split")
+    source = task.get_source(split, data_dir=data_dir, tfds_data_dir=tfds_data_dir)
+    counts = np.zeros(vocab.vocab_size, np.int64)
+    for index in range(min(len(source), max_examples)):
+        np.add.at(counts, np.asarray(task.tokenize(source[index], vocab)[feature], np.int64), 1)
+    ranked = np.lexsort((np.arange(counts.size), -counts))  # by count, descending; then by id
+    return tuple(sorted(int(i) for i in ranked[:count] if counts[i] > 0))
+
+
 def bucket_batch_shapes(plan: bucketing.BucketPlan, lengths: Mapping[str, int]) -> list[dict[str, tuple[int, int]]]:
     """The global shape of every model feature in each batch shape of ``plan`` (for ahead-of-time compilation)."""
     shapes = []
