@@ -130,10 +130,16 @@ def _model_config(config, vocab_size: int) -> network.TransformerConfig:
     return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
 
 
-def _rows_scale(config, model_cfg: network.TransformerConfig) -> float:
-    """The trainable token-table rows' learning rate (``lora_rows_lr``; 0: the adapters') over the adapters'."""
-    rows_lr = config.get("lora_rows_lr", 0.0)
-    if not isinstance(rows_lr, int | float) or rows_lr < 0 or (rows_lr and not model_cfg.lora_rows):
+def _rows_scale(config, lora_rank: int) -> float:
+    """Checks ``lora_rows`` and ``lora_rows_lr``; returns the trainable token-table rows' learning rate over the
+    adapters' (``lora_rows_lr``; 0: the adapters')."""
+    count, rows_lr = config.get("lora_rows", 0), config.get("lora_rows_lr", 0.0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0 or (count and not lora_rank):
+        raise ValueError(
+            f"lora_rows={count!r} must be a non-negative integer, with model_overrides.lora_rank > 0 (it adds "
+            "trainable token-table rows to LoRA adapters)"
+        )
+    if not isinstance(rows_lr, int | float) or rows_lr < 0 or (rows_lr and not count):
         raise ValueError(
             f"lora_rows_lr={rows_lr!r} must be a non-negative number (0: the learning rate of the adapters), and "
             "needs lora_rows > 0 (the trainable token-table rows it applies to)"
@@ -226,17 +232,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     fileio.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     task = TaskRegistry.get(config.task)
     eval_task = _eval_task(config, task)
-    _model_config(config, 128)  # a bad model name or override fails now, not after minutes of vocabulary training
+    # a bad model name, override or lora_rows setting fails now, not after minutes of vocabulary training
+    rows_scale = _rows_scale(config, _model_config(config, 128).lora_rank)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab.vocab_size)
     if config.get("lora_rows", 0):  # the fine-tuning data's most frequent target tokens get trainable table rows
-        count = config.lora_rows
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0 or not model_cfg.lora_rank:
-            raise ValueError(
-                f"lora_rows={count!r} must be a non-negative integer, with model_overrides.lora_rank > 0 (it adds "
-                "trainable token-table rows to LoRA adapters)"
-            )
-        rows = pipeline.most_frequent_tokens(task, vocab, count, data_dir=config.data_dir or None)
+        rows = pipeline.most_frequent_tokens(task, vocab, config.lora_rows, data_dir=config.data_dir or None)
         model_cfg = model_cfg.replace(lora_rows=rows)
     if model_cfg.lora_rank and config.init_from:  # recorded absolute: the adapters-only checkpoints need the base
         config.init_from = str(fileio.workdir_path(config.init_from))
@@ -258,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     partitioning.validate(model_cfg, mesh, row_multiple if batch_tokens else config.batch_size, rules)
     optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     if model_cfg.lora_rank:  # LoRA: the adapters train, the base weights stay as loaded and hold no optimizer state
-        optimizer = lora.adapters_only(optimizer, _rows_scale(config, model_cfg))
+        optimizer = lora.adapters_only(optimizer, rows_scale)
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
     distillation, teacher_params = _teacher(config, vocab, is_chief)
