@@ -66,3 +66,17 @@ def test_local_finetune_validates_once_at_the_last_step_by_default(name):
     assert (config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps) == (37, 37, 37)
     config = load_config(os.path.join(CONFIGS, name) + ":steps=40,eval_every=10")
     assert config.eval_every_steps == 10
+
+
+def test_multi30k_transfer_targets():
+    """Each ``tgt`` reads its own task; the reverse direction (``tgt=en``) is De->En on the tok/ files."""
+    path = os.path.join(CONFIGS, "multi30k_transfer.py") + ":init_from=/nonexistent/m30k"
+    tasks = {tgt: load_config(f"{path},tgt={tgt}").task for tgt in ("fr", "cs", "en", "ted")}
+    assert tasks == {
+        "fr": "multi30k_enfr_tok",
+        "cs": "multi30k_encs_tok",
+        "en": "multi30k_deen_tok",
+        "ted": "iwslt14_ende_tok",
+    }
+    with pytest.raises(ValueError, match="tgt='xx' is unknown"):
+        load_config(f"{path},tgt=xx")
