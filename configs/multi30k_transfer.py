@@ -41,13 +41,14 @@ nothing else: 18,432 x R parameters for Transformer-tiny (rank 4: 3.1% of its 2.
 one on the output projection (8,320 x R more with the 8,192-row table; rank 4: 4.5% in all); ``lora_embed=True``
 one on the token table itself, seen by the lookups and the tied output projection alike (the same count);
 ``lora_rows=K`` trains a full change of the table rows of the K most frequent target tokens of the fine-tuning data
-(K x 128 parameters; 300: 1.6%) at ``rows_lr`` (0: ``lr``).
+(K x 128 parameters; 300: 1.6%) at ``rows_lr`` (0: ``lr``); ``b_lr`` is the adapters' B factors' learning rate
+(LoRA+; 0: ``lr``).
 ``lr`` = 0 picks 1e-3 for full fine-tuning and 5e-3 for LoRA (adapters start at zero and take a larger step).
 Dropout is 0.1, not the from-scratch recipe's 0.3: on En->Fr it gave 33.16 instead of 25.19
 validation BLEU (full fine-tuning, greedy) and 9.49 instead of 4.90 (LoRA rank 4) after 1,000 steps.
 
 Options: ``:init_from=DIR,tgt=fr|cs|en|ted,lora_rank=0,lora_alpha=0,lora_output=False,lora_embed=False,lora_rows=0,
-rows_lr=0,steps=1500,lr=0,seed=1`` and
+rows_lr=0,b_lr=0,steps=1500,lr=0,seed=1`` and
 ``--config.key=value`` (``--config.quantization=int8`` with ``lora_rank``: QLoRA).
 """
 
@@ -68,6 +69,7 @@ OPTIONS = {
     "lora_embed": False,
     "lora_rows": 0,
     "rows_lr": 0.0,
+    "b_lr": 0.0,
     "steps": 1500,
     "lr": 0.0,
     "seed": 1,
@@ -99,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_overrides.lora_embed = bool(options["lora_embed"])
     config.lora_rows = options["lora_rows"]
     config.lora_rows_lr = options["rows_lr"]
+    config.lora_b_lr = options["b_lr"]
     config.model_overrides.dropout_rate = 0.1  # better than 0.3 for fine-tuning here, full and LoRA (docstring)
     if options["lora_alpha"]:
         config.model_overrides.lora_alpha = options["lora_alpha"]

@@ -107,6 +107,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     # the fine-tuning data's ``lora_rows`` most frequent target tokens (model_overrides.lora_rows, chosen at start)
     config.lora_rows = 0
     config.lora_rows_lr = 0.0  # their peak learning rate (same schedule); 0: the adapters' learning_rate
+    # LoRA+ (Hayou et al. 2024): the peak learning rate of the adapters' B factors (A keeps learning_rate); 0: the same
+    config.lora_b_lr = 0.0
     # Unstructured magnitude pruning while training (t5x_lite.sparsity): the fraction of every dense kernel's
     # entries set to zero rises as a cubic from prune_start_step to prune_end_step (Zhu & Gupta 2017); 0: off.
     config.prune_sparsity = 0.0

@@ -90,13 +90,16 @@ def is_adapter(path: tuple[Any, ...]) -> bool:
     return _name(path).endswith(ADAPTER_SUFFIXES)
 
 
-def labels(params: Any, rows_apart: bool = False) -> Any:
+def labels(params: Any, rows_apart: bool = False, b_apart: bool = False) -> Any:
     """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels); with
-    ``rows_apart`` a token table's trainable rows are ``"rows"``."""
+    ``rows_apart`` a token table's trainable rows are ``"rows"``, with ``b_apart`` the adapters' B factors ``"b"``."""
 
     def label(path: tuple[Any, ...], _: Any) -> str:
-        if rows_apart and _name(path).endswith("_lora_rows"):
+        name = _name(path)
+        if rows_apart and name.endswith("_lora_rows"):
             return "rows"
+        if b_apart and name.endswith("_lora_b"):
+            return "b"
         return "adapter" if is_adapter(path) else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -122,18 +125,19 @@ def full_gradient(adapter_grads: list[Any], params: Any) -> Any:
     return rebuild(adapter_grads)
 
 
-def adapters_only(optimizer: optax.GradientTransformation, rows_scale: float = 1.0) -> optax.GradientTransformation:
+def adapters_only(
+    optimizer: optax.GradientTransformation, rows_scale: float = 1.0, b_scale: float = 1.0
+) -> optax.GradientTransformation:
     """``optimizer`` on the adapters; the base weights never move and hold no optimizer state. ``rows_scale``
     multiplies the updates of trainable token-table rows (``lora_rows``): their learning rate relative to the
-    adapters', whose zero-started low-rank factors usually want a larger one than a full weight does."""
-    if rows_scale == 1.0:
-        return optax.multi_transform({"adapter": optimizer, "frozen": optax.set_to_zero()}, labels)
-    transforms = {
-        "adapter": optimizer,
-        "rows": optax.chain(optimizer, optax.scale(rows_scale)),
-        "frozen": optax.set_to_zero(),
-    }
-    return optax.multi_transform(transforms, functools.partial(labels, rows_apart=True))
+    adapters', whose zero-started low-rank factors usually want a larger one than a full weight does. ``b_scale``
+    multiplies the B factors' updates (LoRA+, Hayou et al. 2024: B learning faster than A speeds LoRA up)."""
+    transforms = {"adapter": optimizer, "frozen": optax.set_to_zero()}
+    for group, factor in (("rows", rows_scale), ("b", b_scale)):
+        if factor != 1.0:
+            transforms[group] = optax.chain(optimizer, optax.scale(factor))
+    apart = {"rows_apart": "rows" in transforms, "b_apart": "b" in transforms}
+    return optax.multi_transform(transforms, functools.partial(labels, **apart))
 
 
 def holds_adapters(params: Any) -> bool:

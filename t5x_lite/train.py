@@ -130,10 +130,11 @@ def _model_config(config, vocab_size: int) -> network.TransformerConfig:
     return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
 
 
-def _rows_scale(config, lora_rank: int) -> float:
-    """Checks ``lora_rows`` and ``lora_rows_lr``; returns the trainable token-table rows' learning rate over the
-    adapters' (``lora_rows_lr``; 0: the adapters')."""
+def _adapter_lr_scales(config, lora_rank: int) -> tuple[float, float]:
+    """Checks ``lora_rows``, ``lora_rows_lr`` and ``lora_b_lr``; returns the learning rates of the trainable
+    token-table rows and of the adapters' B factors over the adapters' (each 0 in the config: the adapters')."""
     count, rows_lr = config.get("lora_rows", 0), config.get("lora_rows_lr", 0.0)
+    b_lr = config.get("lora_b_lr", 0.0)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0 or (count and not lora_rank):
         raise ValueError(
             f"lora_rows={count!r} must be a non-negative integer, with model_overrides.lora_rank > 0 (it adds "
@@ -144,7 +145,13 @@ def _rows_scale(config, lora_rank: int) -> float:
             f"lora_rows_lr={rows_lr!r} must be a non-negative number (0: the learning rate of the adapters), and "
             "needs lora_rows > 0 (the trainable token-table rows it applies to)"
         )
-    return float(rows_lr) / float(config.learning_rate) if rows_lr else 1.0
+    if not isinstance(b_lr, int | float) or b_lr < 0 or (b_lr and not lora_rank):
+        raise ValueError(
+            f"lora_b_lr={b_lr!r} must be a non-negative number (0: the learning rate of the adapters), and needs "
+            "model_overrides.lora_rank > 0 (the LoRA adapters whose B factors it applies to)"
+        )
+    lr = float(config.learning_rate)
+    return (float(rows_lr) / lr if rows_lr else 1.0), (float(b_lr) / lr if b_lr else 1.0)
 
 
 def _eval_task(config, task: Task | Mixture) -> Task:
@@ -233,7 +240,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     task = TaskRegistry.get(config.task)
     eval_task = _eval_task(config, task)
     # a bad model name, override or lora_rows setting fails now, not after minutes of vocabulary training
-    rows_scale = _rows_scale(config, _model_config(config, 128).lora_rank)
+    rows_scale, b_scale = _adapter_lr_scales(config, _model_config(config, 128).lora_rank)
     vocab = _vocabulary(config, task, workdir)
     model_cfg = _model_config(config, vocab.vocab_size)
     if config.get("lora_rows", 0):  # the fine-tuning data's most frequent target tokens get trainable table rows
@@ -259,7 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     partitioning.validate(model_cfg, mesh, row_multiple if batch_tokens else config.batch_size, rules)
     optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
     if model_cfg.lora_rank:  # LoRA: the adapters train, the base weights stay as loaded and hold no optimizer state
-        optimizer = lora.adapters_only(optimizer, rows_scale)
+        optimizer = lora.adapters_only(optimizer, rows_scale, b_scale)
     schedule = optimizers.make_schedule(config)
     is_chief = jax.process_index() == 0
     distillation, teacher_params = _teacher(config, vocab, is_chief)

@@ -202,27 +202,34 @@ def test_trainable_rows_change_their_rows_only_in_lookups_and_logits_and_merge_i
     assert network.TransformerConfig.from_dict(json.loads(json.dumps(adapted_cfg.to_dict()))) == adapted_cfg
 
 
-def test_trainable_rows_take_their_own_learning_rate_and_the_base_none(random_params):
+def test_trainable_rows_and_b_factors_take_their_own_learning_rates_and_the_base_none(random_params):
     cfg = BASE.replace(lora_rank=2, lora_rows=(4, 9))
     params = lora.insert_base(network.init_params(cfg, jax.random.key(0)), random_params(BASE))
     grads = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 0.5, leaf.dtype), params)
 
-    def first_update(rows_scale):
-        optimizer = lora.adapters_only(optax.adam(1e-2), rows_scale)
+    def first_update(rows_scale, b_scale=1.0):
+        optimizer = lora.adapters_only(optax.adam(1e-2), rows_scale, b_scale)
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
         return {
             jax.tree_util.keystr(path): np.asarray(u) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]
         }
 
-    same, scaled = first_update(1.0), first_update(0.25)
+    same, scaled, b_faster = first_update(1.0), first_update(0.25), first_update(1.0, 16.0)
+    assert sum(name.endswith("_lora_b']") for name in same) >= 4
     for name, update in same.items():
         if name.endswith("['embedding_lora_rows']"):
             np.testing.assert_allclose(scaled[name], 0.25 * update, rtol=1e-6)
+            np.testing.assert_array_equal(b_faster[name], update)
+            assert np.all(update != 0)
+        elif name.endswith("_lora_b']"):  # LoRA+: B at 16x the learning rate, A and the rows as they were
+            np.testing.assert_array_equal(scaled[name], update)
+            np.testing.assert_allclose(b_faster[name], 16.0 * update, rtol=1e-6)
             assert np.all(update != 0)
         elif "_lora_" in name:
             np.testing.assert_array_equal(scaled[name], update)  # the adapters keep the learning rate
-        else:
-            assert not np.any(scaled[name]) and not np.any(update)  # the base never moves
+            np.testing.assert_array_equal(b_faster[name], update)
+        else:  # the base never moves
+            assert not np.any(scaled[name]) and not np.any(update) and not np.any(b_faster[name])
 
 
 def test_a_qlora_table_adapter_is_applied_in_float_with_no_adapter_of_its_own(random_params):
@@ -385,6 +392,11 @@ def test_most_frequent_tokens_counts_the_split_and_lora_rows_needs_lora(tmp_path
     config.lora_rows = 3  # without lora_rank: refused before any step
     with pytest.raises(ValueError, match="lora_rows=3 must be a non-negative integer, with model_overrides.lora_rank"):
         train.train_and_evaluate(config, str(tmp_path / "rows"))
+    config.lora_rows, config.lora_b_lr = 0, 0.01  # LoRA+'s B learning rate without adapters: refused too
+    with pytest.raises(
+        ValueError, match="lora_b_lr=0.01 must be a non-negative number .* needs model_overrides.lora_rank"
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "b"))
 
 
 def _stored(params):
