@@ -1,5 +1,5 @@
-"""Transfer a trained Multi30k En->De model to En->Fr (or En->Cs), or to TED talks (En->De, another domain): full
-fine-tuning, or LoRA adapters only.
+"""Transfer a trained Multi30k En->De model to En->Fr (or En->Cs, or De->En), or to TED talks (En->De, another domain):
+full fine-tuning, or LoRA adapters only.
 
 Command:   python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k \\
                --workdir workdirs/multi30k_enfr_full
@@ -11,6 +11,9 @@ Command:   python -m t5x_lite.train --config configs/multi30k_transfer.py:init_f
            python -m t5x_lite.evaluate --workdir workdirs/multi30k_enfr_lora --split test_2016_flickr --beam_size 4 \\
                --alpha 1
            python -m t5x_lite.lora_merge --workdir workdirs/multi30k_enfr_lora --out workdirs/multi30k_enfr_merged
+           # the reverse direction (De->En, no new vocabulary); LoRA+ (b_lr: the B factors' learning rate):
+           python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,tgt=en,\
+               lora_rank=4,lora_rows=300,lr=0.01,b_lr=0.08,rows_lr=0.03,steps=1000 --workdir workdirs/multi30k_deen
            # the same on TED talks (iwslt14_ende_tok; evaluate --split test):
            python -m t5x_lite.train --config configs/multi30k_transfer.py:init_from=workdirs/multi30k,tgt=ted \\
                --workdir workdirs/multi30k_ted_full
@@ -31,7 +34,9 @@ Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py m
            far behind on both: full fine-tuning's change is high-rank (experiments/lora_rank_analysis.py;
            docs/compression.md). From a new 4,000-step base (2026-12-05): full fine-tuning 35.35; rank 4 with the
            300 most frequent French tokens' table rows trainable (``lora_rank=4,lora_rows=300,lr=0.03``, 4.76%
-           trainable) 28.86, the best LoRA here, still 6.5 BLEU short.
+           trainable) 28.86, the best LoRA here, still 6.5 BLEU short. De->En (``tgt=en``, every table row already
+           trained; 2026-12-05, experiments/results/lora_deen.json): full fine-tuning 39.17 (1,000 steps) and 41.37
+           (3,000); rank 4 with 300 rows 33.96 and 35.41, LoRA+ 33.94 (1,000): some 6 BLEU short there too.
 
 ``init_from`` is a workdir of configs/multi30k.py (any step count); its vocabulary (a joint En/De BPE) is kept, so
 French is spelled in En/De pieces. The task ``multi30k_en{tgt}_tok`` lowercases and Moses-tokenizes the raw files
