@@ -90,16 +90,19 @@ def is_adapter(path: tuple[Any, ...]) -> bool:
     return _name(path).endswith(ADAPTER_SUFFIXES)
 
 
-def labels(params: Any, rows_apart: bool = False, b_apart: bool = False) -> Any:
-    """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels); with
-    ``rows_apart`` a token table's trainable rows are ``"rows"``, with ``b_apart`` the adapters' B factors ``"b"``."""
+# adapter groups that can train at a learning rate of their own (``adapters_only``): group -> parameter-name suffix
+SEPARATE_GROUPS = {"rows": "_lora_rows", "b": "_lora_b"}
+
+
+def labels(params: Any, apart: tuple[str, ...] = ()) -> Any:
+    """``"adapter"`` or ``"frozen"`` for every leaf of ``params`` (``optax.multi_transform``'s labels); a leaf of
+    a group named in ``apart`` (``SEPARATE_GROUPS``: a token table's trainable rows, the B factors) is that group."""
 
     def label(path: tuple[Any, ...], _: Any) -> str:
         name = _name(path)
-        if rows_apart and name.endswith("_lora_rows"):
-            return "rows"
-        if b_apart and name.endswith("_lora_b"):
-            return "b"
+        for group in apart:
+            if name.endswith(SEPARATE_GROUPS[group]):
+                return group
         return "adapter" if is_adapter(path) else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -132,12 +135,10 @@ def adapters_only(
     multiplies the updates of trainable token-table rows (``lora_rows``): their learning rate relative to the
     adapters', whose zero-started low-rank factors usually want a larger one than a full weight does. ``b_scale``
     multiplies the B factors' updates (LoRA+, Hayou et al. 2024: B learning faster than A speeds LoRA up)."""
+    scaled = {group: factor for group, factor in (("rows", rows_scale), ("b", b_scale)) if factor != 1.0}
     transforms = {"adapter": optimizer, "frozen": optax.set_to_zero()}
-    for group, factor in (("rows", rows_scale), ("b", b_scale)):
-        if factor != 1.0:
-            transforms[group] = optax.chain(optimizer, optax.scale(factor))
-    apart = {"rows_apart": "rows" in transforms, "b_apart": "b" in transforms}
-    return optax.multi_transform(transforms, functools.partial(labels, **apart))
+    transforms |= {group: optax.chain(optimizer, optax.scale(factor)) for group, factor in scaled.items()}
+    return optax.multi_transform(transforms, functools.partial(labels, apart=tuple(scaled)))
 
 
 def holds_adapters(params: Any) -> bool:

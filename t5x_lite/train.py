@@ -130,28 +130,36 @@ def _model_config(config, vocab_size: int) -> network.TransformerConfig:
     return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
 
 
+def _relative_lr(config, key: str, applies: bool, needs: str) -> float:
+    """``config[key]`` (a peak learning rate; 0: the adapters') over the adapters' ``learning_rate``, checked:
+    a non-negative number, set only where ``applies`` (else the error says it ``needs``)."""
+    value = config.get(key, 0.0)
+    if not isinstance(value, int | float) or value < 0 or (value and not applies):
+        raise ValueError(
+            f"{key}={value!r} must be a non-negative number (0: the learning rate of the adapters), and {needs}"
+        )
+    return float(value) / float(config.learning_rate) if value else 1.0
+
+
 def _adapter_lr_scales(config, lora_rank: int) -> tuple[float, float]:
     """Checks ``lora_rows``, ``lora_rows_lr`` and ``lora_b_lr``; returns the learning rates of the trainable
     token-table rows and of the adapters' B factors over the adapters' (each 0 in the config: the adapters')."""
-    count, rows_lr = config.get("lora_rows", 0), config.get("lora_rows_lr", 0.0)
-    b_lr = config.get("lora_b_lr", 0.0)
+    count = config.get("lora_rows", 0)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0 or (count and not lora_rank):
         raise ValueError(
             f"lora_rows={count!r} must be a non-negative integer, with model_overrides.lora_rank > 0 (it adds "
             "trainable token-table rows to LoRA adapters)"
         )
-    if not isinstance(rows_lr, int | float) or rows_lr < 0 or (rows_lr and not count):
-        raise ValueError(
-            f"lora_rows_lr={rows_lr!r} must be a non-negative number (0: the learning rate of the adapters), and "
-            "needs lora_rows > 0 (the trainable token-table rows it applies to)"
-        )
-    if not isinstance(b_lr, int | float) or b_lr < 0 or (b_lr and not lora_rank):
-        raise ValueError(
-            f"lora_b_lr={b_lr!r} must be a non-negative number (0: the learning rate of the adapters), and needs "
-            "model_overrides.lora_rank > 0 (the LoRA adapters whose B factors it applies to)"
-        )
-    lr = float(config.learning_rate)
-    return (float(rows_lr) / lr if rows_lr else 1.0), (float(b_lr) / lr if b_lr else 1.0)
+    rows = _relative_lr(
+        config, "lora_rows_lr", count > 0, "needs lora_rows > 0 (the trainable token-table rows it applies to)"
+    )
+    b = _relative_lr(
+        config,
+        "lora_b_lr",
+        lora_rank > 0,
+        "needs model_overrides.lora_rank > 0 (the LoRA adapters whose B factors it applies to)",
+    )
+    return rows, b
 
 
 def _eval_task(config, task: Task | Mixture) -> Task:
