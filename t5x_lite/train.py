@@ -457,6 +457,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             last_eval = evaluate(config, eval_task, vocab, model_cfg, state, eval_fn, mesh, rules)
     finally:
         progress.close()
+        # Stop grain's prefetch thread now. Left running into interpreter exit (an error path: a full disk), the daemon
+        # thread is torn down inside SentencePiece's C++ and the process aborts (SIGABRT) after printing the error.
+        iterator.close()
         try:
             checkpointer.close()  # waits for the last save; raises a failed save's error after releasing orbax
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -55,8 +56,16 @@ def test_resumed_run_equals_straight_run(straight, tmp_path):
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     config = _config(tmp_path, 12)
     config.learning_rate, config.schedule = 1e30, "constant"  # the first update overflows the parameters
-    with pytest.raises(train.TrainingError, match=r"non-finite loss nan at step 3; no checkpoint was saved yet"):
+    with pytest.raises(
+        train.TrainingError, match=r"non-finite loss nan at step 3; no checkpoint was saved yet"
+    ) as raised:
         train.train_and_evaluate(config, str(tmp_path / "run"))
+    # The data pipeline's prefetch thread is stopped on the way out, also while the error's traceback (which holds the
+    # iterator) is alive, as when the command prints it and exits: a thread left running into interpreter exit is
+    # torn down inside SentencePiece's C++ and aborts the process after the error was printed (SIGABRT, not status 2).
+    assert raised.tb is not None and not [
+        t.name for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")
+    ]
 
 
 def test_nonfinite_updates_can_be_skipped(tmp_path):
