@@ -15,6 +15,11 @@ if "TFDS_DATA_DIR" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
 # build the same tiny models, and the child processes of the CLI tests, compile each program once.
 os.environ.setdefault("T5X_LITE_COMPILATION_CACHE", tempfile.mkdtemp(prefix="t5x_lite_tests_xla_"))
 
+# hypothesis is imported here, before any test starts a thread: its pytest plugin would import it at the session's
+# end otherwise, with pytest's assertion rewriting calling ast.parse, and on Python 3.11 an ast.parse that overlaps
+# another thread's (a leftover Orbax thread printing a traceback) can fail the whole run with "SystemError: AST
+# constructor recursion depth mismatch" (CPython gh-106905), as a -n 0 run did once here.
+import hypothesis  # noqa: E402, F401
 import pytest  # noqa: E402
 
 from t5x_lite import compile_cache  # noqa: E402
