@@ -90,6 +90,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.data_dir = ""  # local corpora; empty: $T5X_LITE_DATA or ../shared/data
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
     config.vocab_task = ""  # use this task's (or mixture's) vocabulary, e.g. "local_pretrain"; empty: the task's own
+    config.vocab_size = 0  # pieces of the vocabulary trained for this run (e.g. 10000); 0: the task's own size
     config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
     config.pack = True
     config.prefetch_batches = 2  # batches prepared ahead on a background thread

@@ -75,10 +75,24 @@ def _vocabulary(config, task, workdir: str) -> Vocabulary:
     init_vocab_dir = fileio.workdir_path(config.init_from) / "vocab" if config.get("init_from") else None
     init_vocab = Vocabulary.load(init_vocab_dir) if init_vocab_dir and init_vocab_dir.is_dir() else None
     vocab_task = config.get("vocab_task", "")
+    vocab_size = config.get("vocab_size", 0)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 0:
+        raise ValueError(f"config.vocab_size={vocab_size!r} must be a whole number of pieces >= 0 (0: the task's own)")
     if init_vocab is not None and not vocab_task:
+        pieces = init_vocab.vocab_size - init_vocab.extra_ids
+        if vocab_size and vocab_size != pieces:
+            raise ValueError(
+                f"config.vocab_size={vocab_size}, but init_from={config.init_from!r} brings its own vocabulary "
+                f"({pieces} pieces) that its embeddings were trained with: drop vocab_size"
+            )
         return init_vocab
     source = TaskRegistry.get(vocab_task) if vocab_task else task
-    vocab = task_vocabulary(source, cache_dir=config.vocab_cache_dir or None, data_dir=config.data_dir or None)
+    vocab = task_vocabulary(
+        source,
+        cache_dir=config.vocab_cache_dir or None,
+        data_dir=config.data_dir or None,
+        vocab_size=vocab_size or None,
+    )
     if init_vocab is not None and vocab.fingerprint != init_vocab.fingerprint:
         raise ValueError(
             f"vocab_task={vocab_task!r} gives a vocabulary ({vocab.vocab_size} ids, {vocab.fingerprint[:12]}) that "

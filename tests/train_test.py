@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import checkpoints, config_files, metrics, train
+from t5x_lite.data.tasks import Task, TaskRegistry, task_vocabulary
 from tests import tiny_config
 
 
@@ -185,3 +186,31 @@ def test_bucketed_translation_run_logs_validation_bleu_and_resumes_exactly(share
         checkpoints.load_params(resumed, step=8),
         checkpoints.load_params(straight, step=8),
     )
+
+
+def test_vocab_size_trains_a_vocabulary_of_that_size_and_bad_values_are_refused(straight, tmp_path):
+    """``config.vocab_size`` overrides the task's vocabulary size (the demo task's: 256 pieces), as a researcher
+    sweeping the vocabulary expects; a checkpoint's own vocabulary cannot be resized under it."""
+    task = TaskRegistry.get("synthetic_numbers")
+    config = _config(tmp_path, 12)
+    default = train._vocabulary(config, task, str(tmp_path / "default"))
+    config.vocab_size = 200
+    smaller = train._vocabulary(config, task, str(tmp_path / "smaller"))
+    assert default.vocab_size - default.extra_ids == 256 and smaller.vocab_size - smaller.extra_ids == 200
+    assert default.fingerprint != smaller.fingerprint
+    config.vocab_size = -1  # (ml_collections itself refuses a value that is not an int)
+    with pytest.raises(ValueError, match=r"config\.vocab_size=-1 must be a whole number of pieces >= 0"):
+        train._vocabulary(config, task, str(tmp_path / "bad"))
+    _, base_workdir, _ = straight
+    config.vocab_size, config.init_from = 200, base_workdir
+    with pytest.raises(
+        ValueError, match=r"config\.vocab_size=200, but init_from=.* brings its own vocabulary \(256 pieces\)"
+    ):
+        train._vocabulary(config, task, str(tmp_path / "finetune"))
+    config.vocab_size = 256  # the checkpoint's own size: accepted
+    assert train._vocabulary(config, task, str(tmp_path / "finetune")).fingerprint == default.fingerprint
+    fixed = Task(name="fixed_vocab", splits={"train": ("synthetic_numbers", "train")}, vocab_path="/models/t5.spm")
+    with pytest.raises(
+        ValueError, match=r"vocab_size=200 sets the size .* uses the fixed SentencePiece model /models/t5"
+    ):
+        task_vocabulary(fixed, vocab_size=200)

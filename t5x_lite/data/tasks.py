@@ -232,13 +232,21 @@ def task_vocabulary(
     data_dir: str | None = None,
     tfds_data_dir: str | None = None,
     extra_ids: int | None = None,
+    vocab_size: int | None = None,
 ):
     """The task's SentencePiece vocabulary: ``vocab_path`` if set, else trained on its train split (cached), with
-    the task's ``extra_ids`` sentinels unless ``extra_ids`` is given."""
+    the task's ``extra_ids`` sentinels unless ``extra_ids`` is given, and the task's ``vocab_size`` pieces unless
+    ``vocab_size`` is given (a trained vocabulary only)."""
     from t5x_lite.data.vocab import Vocabulary, train_vocabulary
 
+    first_task = task.tasks()[0] if isinstance(task, Mixture) else task
     if extra_ids is None:
-        extra_ids = (task.tasks()[0] if isinstance(task, Mixture) else task).extra_ids
+        extra_ids = first_task.extra_ids
+    if vocab_size is not None and first_task.vocab_path:
+        raise ValueError(
+            f"vocab_size={vocab_size} sets the size of a vocabulary trained on the task's text, but task "
+            f"{task.name!r} uses the fixed SentencePiece model {first_task.vocab_path}: drop vocab_size"
+        )
     if isinstance(task, Mixture):
         texts = [
             text for t in task.tasks() for text in t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir)
@@ -248,7 +256,7 @@ def task_vocabulary(
             return Vocabulary(first.vocab_path, extra_ids=extra_ids)
         return train_vocabulary(
             texts,
-            vocab_size=first.vocab_size,
+            vocab_size=vocab_size or first.vocab_size,
             cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
             name=task.name,
             extra_ids=extra_ids,
@@ -258,7 +266,7 @@ def task_vocabulary(
         return Vocabulary(task.vocab_path, extra_ids=extra_ids)
     return train_vocabulary(
         task.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir),
-        vocab_size=task.vocab_size,
+        vocab_size=vocab_size or task.vocab_size,
         cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
         name=task.name,
         extra_ids=extra_ids,
