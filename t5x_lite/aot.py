@@ -87,8 +87,9 @@ class Plan:
 
 
 def model_config(config: Any) -> network.TransformerConfig:
-    """The run's TransformerConfig without reading data: the task's vocabulary size (SentencePiece pieces + 100
-    sentinels, padded to a multiple of 128 as ``train.py`` does) unless ``model_overrides.vocab_size`` is set."""
+    """The run's TransformerConfig without reading data: the vocabulary's size (``config.vocab_size`` or the task's
+    SentencePiece pieces, plus the task's sentinels, padded to a multiple of 128 as ``train.py`` does) unless
+    ``model_overrides.vocab_size`` is set."""
     from t5x_lite.data.tasks import TaskRegistry
 
     overrides = config_files.given_model_overrides(config)
@@ -98,7 +99,8 @@ def model_config(config: Any) -> network.TransformerConfig:
         if first.vocab_path:  # a given SentencePiece model: its size is that of the preset's vocabulary
             overrides["vocab_size"] = get_model_config(config.model).vocab_size
         else:
-            overrides["vocab_size"] = -(-(first.vocab_size + 100) // 128) * 128
+            pieces = config.get("vocab_size", 0) or first.vocab_size
+            overrides["vocab_size"] = -(-(pieces + first.extra_ids) // 128) * 128
     return get_model_config(config.model, **overrides)
 
 
