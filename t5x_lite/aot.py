@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from t5x_lite import config_files, flops, network, optimizers, partitioning, tpu_topology, trainer  # noqa: E402
-from t5x_lite.presets import get_model_config  # noqa: E402
+from t5x_lite.presets import embedding_rows, get_model_config  # noqa: E402
 from t5x_lite.tpu_topology import GiB, Topology, parse_topology, quiet_stderr, topology_devices  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def model_config(config: Any) -> network.TransformerConfig:
             overrides["vocab_size"] = get_model_config(config.model).vocab_size
         else:
             pieces = config.get("vocab_size", 0) or first.vocab_size
-            overrides["vocab_size"] = -(-(pieces + first.extra_ids) // 128) * 128
+            overrides["vocab_size"] = embedding_rows(pieces + first.extra_ids)
     return get_model_config(config.model, **overrides)
 
 

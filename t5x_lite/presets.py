@@ -72,6 +72,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 ALIASES = {"t5_3b": "t5_xl", "t5_11b": "t5_xxl"}
 
 
+def embedding_rows(vocab_ids: int) -> int:
+    """The embedding rows of a model for a vocabulary of ``vocab_ids`` ids (pieces + sentinels): a multiple of 128,
+    as T5 pads 32,100 ids to 32,128 rows."""
+    return -(-vocab_ids // 128) * 128
+
+
 def get_model_config(name: str, **overrides: Any) -> TransformerConfig:
     """The preset ``name`` with ``overrides`` applied (e.g. ``vocab_size`` of the task's vocabulary)."""
     name = ALIASES.get(name, name)

@@ -45,7 +45,7 @@ from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import Mixture, Task, TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.evaluation import evaluate_split
-from t5x_lite.presets import get_model_config
+from t5x_lite.presets import embedding_rows, get_model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")
@@ -137,11 +137,10 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
 
 def _model_config(config, vocab_size: int) -> network.TransformerConfig:
     """The run's model: ``config.model``'s preset with its overrides, for a vocabulary of ``vocab_size`` ids."""
-    padded_vocab = -(-vocab_size // 128) * 128  # embedding rows in multiples of 128, as T5 does
     overrides = config_files.given_model_overrides(config)
     if config.get("quantization"):  # with LoRA adapters QLoRA (a quantized base), else quantization-aware training
         overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
-    return get_model_config(config.model, vocab_size=padded_vocab, **overrides)
+    return get_model_config(config.model, vocab_size=embedding_rows(vocab_size), **overrides)
 
 
 def _relative_lr(config, key: str, applies: bool, needs: str) -> float:

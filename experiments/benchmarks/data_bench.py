@@ -23,7 +23,7 @@ import optax
 from t5x_lite import network
 from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import TaskRegistry, task_vocabulary
-from t5x_lite.presets import get_model_config
+from t5x_lite.presets import embedding_rows, get_model_config
 
 
 def examples_in(batch) -> int:
@@ -71,7 +71,7 @@ def train_step_fn(cfg):
 
 
 def measure_train_step(vocab_size: int, batches: list, steps: int) -> float:
-    cfg = get_model_config("t5_small", vocab_size=-(-vocab_size // 128) * 128, dropout_rate=0.0)
+    cfg = get_model_config("t5_small", vocab_size=embedding_rows(vocab_size), dropout_rate=0.0)
     params = network.init_params(cfg, jax.random.key(0))
     optimizer, step = train_step_fn(cfg)
     opt_state = optimizer.init(params)

@@ -251,16 +251,15 @@ def task_vocabulary(
         texts = [
             text for t in task.tasks() for text in t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir)
         ]
-        first = task.tasks()[0]
-        if first.vocab_path:
-            return Vocabulary(first.vocab_path, extra_ids=extra_ids)
+        if first_task.vocab_path:
+            return Vocabulary(first_task.vocab_path, extra_ids=extra_ids)
         return train_vocabulary(
             texts,
-            vocab_size=vocab_size or first.vocab_size,
+            vocab_size=vocab_size or first_task.vocab_size,
             cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
             name=task.name,
             extra_ids=extra_ids,
-            model_type=first.vocab_model_type,
+            model_type=first_task.vocab_model_type,
         )
     if task.vocab_path:
         return Vocabulary(task.vocab_path, extra_ids=extra_ids)
