@@ -158,13 +158,13 @@ class Embed(nn.Module):
             rows = jnp.take(jnp.asarray(table, self.dtype), ids, axis=0)
         if self.lora_rank:
             rows = rows + self.lora_table.rows(jnp.take(self.embedding_lora_a, ids, axis=0), self.embedding_lora_b)
-        if self.lora_rows:
-            rows = rows + jnp.take(self._row_changes(), ids, axis=0)
+        if self.lora_rows:  # each id's change: its row of delta, or a zero row for an id lora_rows does not name
+            slot = np.zeros(self.num_embeddings, np.int32)
+            slot[np.asarray(self.lora_rows)] = np.arange(1, len(self.lora_rows) + 1)
+            delta = jnp.asarray(self.embedding_lora_rows, self.dtype)
+            changes = jnp.concatenate([jnp.zeros((1, self.features), self.dtype), delta])
+            rows = rows + jnp.take(changes, jnp.take(jnp.asarray(slot), ids), axis=0)
         return rows
-
-    def _row_changes(self) -> jax.Array:
-        """The trainable rows' changes as a whole table: zero in every row that ``lora_rows`` does not name."""
-        return row_changes(self.embedding_lora_rows, self.lora_rows, self.num_embeddings).astype(self.dtype)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """Logits of ``query`` against every embedding row: [..., features] -> [..., num_embeddings]."""
@@ -174,8 +174,9 @@ class Embed(nn.Module):
         logits = jax.lax.dot_general(query, jnp.asarray(self.embedding, self.dtype), contract)
         if self.lora_rank:
             logits = logits + self.lora_table.logits(query, self.embedding_lora_a, self.embedding_lora_b)
-        if self.lora_rows:
-            logits = logits + self.lora_table.attend(query, self._row_changes())
+        if self.lora_rows:  # only the named rows' logits change: a [..., rows] product added into those columns
+            changed = self.lora_table.attend(query, jnp.asarray(self.embedding_lora_rows, self.dtype))
+            logits = logits.at[..., np.asarray(self.lora_rows, np.int32)].add(changed)
         return logits
 
 

@@ -66,6 +66,39 @@ def test_embed_lookup_and_attend_are_transposes():
         module.apply(variables, jnp.ones((1, 2), jnp.float32))
 
 
+def test_trainable_rows_act_as_the_changed_table_in_lookups_logits_and_gradients():
+    """Embed adds the ``lora_rows`` changes without building a whole changed table; it must compute what
+    ``embedding + row_changes(delta)`` computes, gradients with respect to the changes included."""
+    rows = (9, 0, 5)
+    module = layers.Embed(num_embeddings=11, features=4, lora_rows=rows)
+    ids = jnp.array([[0, 1, 5, 9, 9, 10]])
+    variables = nn.meta.unbox(module.init(jax.random.key(0), ids))
+    delta = jax.random.normal(jax.random.key(1), (3, 4))
+    query = jax.random.normal(jax.random.key(2), (2, 5, 4))
+
+    def embed_and_logits(delta):
+        params = {"params": {**variables["params"], "embedding_lora_rows": delta}}
+        return module.apply(params, ids), module.apply(params, query, method=layers.Embed.attend)
+
+    def reference(delta):
+        table = variables["params"]["embedding"] + layers.row_changes(delta, rows, 11)
+        return table[ids], query @ table.T
+
+    for got, want in zip(embed_and_logits(delta), reference(delta), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(11), rows)  # columns of rows that lora_rows does not name: the table's own
+    np.testing.assert_array_equal(
+        embed_and_logits(delta)[1][..., untouched], embed_and_logits(jnp.zeros_like(delta))[1][..., untouched]
+    )
+
+    def scalar(fn):
+        return lambda d: sum(jnp.sum(jnp.sin(out)) for out in fn(d))
+
+    np.testing.assert_allclose(
+        jax.grad(scalar(embed_and_logits))(delta), jax.grad(scalar(reference))(delta), rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize(("num_buckets", "max_distance"), [(32, 128), (16, 20), (10, 9), (64, 300)])
 def test_relative_position_bucket_matches_transformers(bidirectional, num_buckets, max_distance):
