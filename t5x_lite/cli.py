@@ -113,5 +113,5 @@ def run(main: Callable[[list[str]], None]) -> None:
             fail(flag_error(error, sys.argv))
 
     sys.unraisablehook = _drop_closed_event_loop_noise
-    host_memory.keep_freed_memory()  # before the first computation: XLA:CPU's buffers reused step after step
+    host_memory.keep_freed_memory()  # T5X_LITE_KEEP_FREED_MEMORY=1: XLA:CPU's buffers reused step after step
     app.run(guarded, flags_parser=parse_flags)

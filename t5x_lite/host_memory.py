@@ -8,7 +8,10 @@ never to ``mmap`` (one arena, no trimming of its top), freed blocks stay in the 
 no faults. Memory that a process has once used is kept until it exits, and fragmentation raises its peak RSS
 (3.7-4.4 GB against 2.9-3.2 GB for the Multi30k recipe).
 
-``T5X_LITE_KEEP_FREED_MEMORY=0`` leaves glibc's policy alone. Elsewhere than glibc (macOS, musl) this does nothing.
+Opt-in, per run: the same policy made t5_small's train step about 1.5x slower and erratic (one arena for every thread
+with large buffers; either setting alone was harmless, QUIET, experiments/benchmarks/NOTES.md), so it is on only where
+a config asks for it (``config.keep_freed_memory``, set by configs/multi30k.py). ``T5X_LITE_KEEP_FREED_MEMORY=1``
+turns it on for any command, ``=0`` off even where a config asks. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ KEEP_UP_TO = 2**31 - 1  # bytes free at the heap's top before glibc returns them
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """Sets glibc's malloc to keep freed memory for reuse (see the module docstring), once per process; returns
-    whether the policy is in effect. Call it before the first computation, so every thread shares the one arena."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+def keep_freed_memory(wanted: bool = False) -> bool:
+    """Sets glibc's malloc to keep freed memory for reuse (see the module docstring) if ``wanted`` (the run's
+    config) or ``T5X_LITE_KEEP_FREED_MEMORY=1`` asks, once per process; returns whether the policy is in effect.
+    Call it before the first computation, so every thread shares the one arena."""
+    setting = os.environ.get(ENV_VAR, "").strip().lower()
+    if setting in ("0", "false", "no", "off") or not (wanted or setting in ("1", "true", "yes", "on")):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -255,7 +255,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Run ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the last eval metrics."""
     launched = time.time()
     # ------------------------------------------------------------------------------------------- setup
-    host_memory.keep_freed_memory()  # XLA:CPU's per-step buffers reused, not page-faulted in every step
+    host_memory.keep_freed_memory(config.get("keep_freed_memory", False))  # XLA:CPU's buffers reused (opt-in)
     compile_cache.enable(config.get("compilation_cache_dir", ""))
     fileio.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     task = TaskRegistry.get(config.task)

@@ -10,9 +10,9 @@ from tests.conftest import REPO_ROOT, cpu_subprocess_env
 # A program with a 64 MB temporary ([2048, 8192] float32), called 5 times after 2 warm-up calls; prints whether
 # the policy is on and the page faults (minor: fresh pages) per call.
 _CHILD = """
-import resource
+import os, resource
 from t5x_lite import host_memory
-print("applied", host_memory.keep_freed_memory())
+print("applied", host_memory.keep_freed_memory(os.environ.get("WANTED") == "1"))
 import jax, jax.numpy as jnp
 
 @jax.jit
@@ -30,9 +30,12 @@ print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 
 
 
 def _child(**env: str) -> dict[str, str]:
+    child_env = cpu_subprocess_env(**env)
+    if "T5X_LITE_KEEP_FREED_MEMORY" not in env:  # the caller's own setting would decide it
+        child_env.pop("T5X_LITE_KEEP_FREED_MEMORY", None)
     out = subprocess.run(
         [sys.executable, "-c", _CHILD],
-        env=cpu_subprocess_env(**env),
+        env=child_env,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -42,12 +45,13 @@ def _child(**env: str) -> dict[str, str]:
 
 
 def test_kept_memory_is_reused_without_page_faults():
-    kept = _child()
-    assert kept["applied"] == "True"
-    assert float(kept["faults"]) < 1600  # a tenth of the 16,384 faults (4 KB pages) of 64 MB of fresh pages
+    for asked in (_child(WANTED="1"), _child(T5X_LITE_KEEP_FREED_MEMORY="1")):  # by the run's config, or by the user
+        assert asked["applied"] == "True"
+        assert float(asked["faults"]) < 1600  # a tenth of the 16,384 faults (4 KB pages) of 64 MB of fresh pages
 
 
-def test_opting_out_leaves_glibc_alone_and_the_faults_come_back():
-    default = _child(T5X_LITE_KEEP_FREED_MEMORY="0")
-    assert default["applied"] == "False"
-    assert float(default["faults"]) > 1000  # the temporary is mapped afresh on each call: what the policy removes
+def test_by_default_or_opted_out_glibc_is_left_alone_and_the_faults_come_back():
+    # opt-in: off unless asked, and T5X_LITE_KEEP_FREED_MEMORY=0 wins over a config that asks
+    for left_alone in (_child(), _child(WANTED="1", T5X_LITE_KEEP_FREED_MEMORY="0")):
+        assert left_alone["applied"] == "False"
+        assert float(left_alone["faults"]) > 1000  # mapped afresh on each call: what the policy removes

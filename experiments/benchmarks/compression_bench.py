@@ -257,7 +257,7 @@ def _step(row: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
+    host_memory.keep_freed_memory(True)  # as configs/multi30k.py asks the train command (t5x_lite/host_memory.py)
     schemes = [s for s in args.schemes.split(",") if s]
     for scheme in schemes:
         quantization.check_scheme(scheme)

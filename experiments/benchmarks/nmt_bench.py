@@ -286,7 +286,7 @@ def run_ablation_row(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    host_memory.keep_freed_memory()  # as the train and evaluate commands do (t5x_lite/host_memory.py)
+    host_memory.keep_freed_memory(True)  # as configs/multi30k.py asks the train command (t5x_lite/host_memory.py)
     if args.ablation_row >= 0:
         run_ablation_row(args)
         return
