@@ -584,6 +584,7 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("pass --config configs/X.py and --workdir DIR")
+    host_memory.keep_freed_memory(config.get("keep_freed_memory", False))  # before a distributed run starts threads
     partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         final = train_and_evaluate(config, workdir)
