@@ -98,9 +98,10 @@ def _drop_closed_event_loop_noise(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], keep_freed_memory: bool = True) -> None:
     """``app.run(main)``: flags parsed as ``parse_flags`` does, and ``EXPECTED_ERRORS`` out of ``main`` reported
-    as one line with exit status 2."""
+    as one line with exit status 2. ``keep_freed_memory``: glibc's malloc told to reuse freed memory before anything
+    runs (``t5x_lite/host_memory.py``; on for the decoding commands, the train command decides per config)."""
 
     def guarded(argv: list[str]) -> None:
         try:
@@ -113,5 +114,5 @@ def run(main: Callable[[list[str]], None]) -> None:
             fail(flag_error(error, sys.argv))
 
     sys.unraisablehook = _drop_closed_event_loop_noise
-    host_memory.keep_freed_memory()  # T5X_LITE_KEEP_FREED_MEMORY=1: XLA:CPU's buffers reused step after step
+    host_memory.keep_freed_memory(keep_freed_memory)  # XLA:CPU's buffers reused step after step
     app.run(guarded, flags_parser=parse_flags)

@@ -91,8 +91,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     config.vocab_cache_dir = ""  # empty: ~/.cache/t5x_lite/vocab
     config.vocab_task = ""  # use this task's (or mixture's) vocabulary, e.g. "local_pretrain"; empty: the task's own
     config.vocab_size = 0  # pieces of the vocabulary trained for this run (e.g. 10000); 0: the task's own size
-    # glibc keeps freed memory for XLA:CPU's next step (t5x_lite/host_memory.py): faster for Transformer-tiny on
-    # Multi30k, slower for t5_small, so off unless a config measured it to help
+    # glibc keeps freed memory for XLA:CPU's next step (t5x_lite/host_memory.py): a faster train step for
+    # Transformer-tiny on Multi30k, a slower one for t5_small, so off unless a config measured it to help
     config.keep_freed_memory = False
     config.compilation_cache_dir = ""  # compiled programs kept for restarts; empty: ~/.cache/t5x_lite/xla; "none": off
     config.pack = True

@@ -8,10 +8,12 @@ never to ``mmap`` (one arena, no trimming of its top), freed blocks stay in the 
 no faults. Memory that a process has once used is kept until it exits, and fragmentation raises its peak RSS
 (3.7-4.4 GB against 2.9-3.2 GB for the Multi30k recipe).
 
-Opt-in, per run: the same policy made t5_small's train step about 1.5x slower and erratic (one arena for every thread
-with large buffers; either setting alone was harmless, QUIET, experiments/benchmarks/NOTES.md), so it is on only where
-a config asks for it (``config.keep_freed_memory``, set by configs/multi30k.py). ``T5X_LITE_KEEP_FREED_MEMORY=1``
-turns it on for any command, ``=0`` off even where a config asks. Elsewhere than glibc (macOS, musl) it does nothing.
+It does not help every program. The evaluate and infer commands turn it on (t5_small's beam-4 search took 6.0 s with
+it and 9.0-9.9 s without, QUIET, experiments/benchmarks/NOTES.md). The train command turns it on only where a config
+asks (``config.keep_freed_memory``, set by configs/multi30k.py): the policy made t5_small's train step about 1.5x
+slower and erratic (one arena for every thread together with no mmap; either setting alone was harmless).
+``T5X_LITE_KEEP_FREED_MEMORY=1`` turns it on for any command, ``=0`` off everywhere. Elsewhere than glibc (macOS,
+musl) it does nothing.
 """
 
 from __future__ import annotations

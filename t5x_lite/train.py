@@ -600,7 +600,7 @@ def _cli() -> None:
     jax.config.parse_flags_with_absl()
     # Collectives between processes' CPU devices (multi-process CPU runs); no effect on GPU/TPU devices.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    cli.run(main)
+    cli.run(main, keep_freed_memory=False)  # main applies config.keep_freed_memory
 
 
 if __name__ == "__main__":

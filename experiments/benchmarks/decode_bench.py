@@ -205,7 +205,7 @@ def bench_method(name, beams, args, model, cfg, params):
 
 
 def main(argv=None) -> None:
-    host_memory.keep_freed_memory()  # off, as for a t5_small run (T5X_LITE_KEEP_FREED_MEMORY=1: on)
+    host_memory.keep_freed_memory(True)  # as the evaluate and infer commands do (t5x_lite/host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="t5_small", help="a t5x_lite.presets preset with a HF T5 counterpart")
     parser.add_argument("--batch", type=int, default=32)

@@ -153,7 +153,7 @@ class TorchSide:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    host_memory.keep_freed_memory()  # off, as for a t5_small run (T5X_LITE_KEEP_FREED_MEMORY=1: on)
+    host_memory.keep_freed_memory()  # off, as the train command runs t5_small (T5X_LITE_KEEP_FREED_MEMORY=1: on)
     jax_side_cfg = get_model_config(args.model)
     batch = make_batch(jax_side_cfg.vocab_size, args.batch, args.input_len, args.target_len)
     target_tokens, all_tokens = args.batch * args.target_len, args.batch * (args.input_len + args.target_len)
