@@ -14,6 +14,7 @@ Adding a task is one call::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -247,29 +248,16 @@ def task_vocabulary(
             f"vocab_size={vocab_size} sets the size of a vocabulary trained on the task's text, but task "
             f"{task.name!r} uses the fixed SentencePiece model {first_task.vocab_path}: drop vocab_size"
         )
-    if isinstance(task, Mixture):
-        texts = [
-            text for t in task.tasks() for text in t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir)
-        ]
-        if first_task.vocab_path:
-            return Vocabulary(first_task.vocab_path, extra_ids=extra_ids)
-        return train_vocabulary(
-            texts,
-            vocab_size=vocab_size or first_task.vocab_size,
-            cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
-            name=task.name,
-            extra_ids=extra_ids,
-            model_type=first_task.vocab_model_type,
-        )
-    if task.vocab_path:
-        return Vocabulary(task.vocab_path, extra_ids=extra_ids)
+    if first_task.vocab_path:
+        return Vocabulary(first_task.vocab_path, extra_ids=extra_ids)
+    parts = task.tasks() if isinstance(task, Mixture) else [task]
     return train_vocabulary(
-        task.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir),
-        vocab_size=vocab_size or task.vocab_size,
+        itertools.chain.from_iterable(t.training_texts(data_dir=data_dir, tfds_data_dir=tfds_data_dir) for t in parts),
+        vocab_size=vocab_size or first_task.vocab_size,
         cache_dir=cache_dir or DEFAULT_VOCAB_CACHE,
         name=task.name,
         extra_ids=extra_ids,
-        model_type=task.vocab_model_type,
+        model_type=first_task.vocab_model_type,
     )
 
 
