@@ -7,12 +7,10 @@ import sys
 
 from tests.conftest import REPO_ROOT, cpu_subprocess_env
 
-# A program with a 64 MB temporary ([2048, 8192] float32), called 5 times after 2 warm-up calls; prints whether
-# the policy is on and the page faults (minor: fresh pages) per call.
-_CHILD = """
-import os, resource
-from t5x_lite import host_memory
-print("applied", host_memory.keep_freed_memory(os.environ.get("WANTED") == "1"))
+# A program with a 64 MB temporary ([2048, 8192] float32), called 5 times after 2 warm-up calls; prints the page
+# faults (minor: fresh pages) per call.
+_FAULTS = """
+import resource
 import jax, jax.numpy as jnp
 
 @jax.jit
@@ -28,13 +26,35 @@ for _ in range(5):
 print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
+# The policy asked for directly (WANTED=1: as by a run's config), then the program.
+_CHILD = (
+    """
+import os
+from t5x_lite import host_memory
+print("applied", host_memory.keep_freed_memory(os.environ.get("WANTED") == "1"))
+"""
+    + _FAULTS
+)
 
-def _child(**env: str) -> dict[str, str]:
+# A command's entry point run as ``python -m`` runs it, with absl's app.run made a no-op (so ``cli.run`` sets up
+# what it sets up before the command's main would start), then the program.
+_ENTRY_CHILD = (
+    """
+import os, runpy
+from absl import app
+app.run = lambda main, **kwargs: None
+runpy.run_module(os.environ["ENTRY"], run_name="__main__")
+"""
+    + _FAULTS
+)
+
+
+def _child(program: str = _CHILD, **env: str) -> dict[str, str]:
     child_env = cpu_subprocess_env(**env)
     if "T5X_LITE_KEEP_FREED_MEMORY" not in env:  # the caller's own setting would decide it
         child_env.pop("T5X_LITE_KEEP_FREED_MEMORY", None)
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD],
+        [sys.executable, "-c", program],
         env=child_env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -62,3 +82,11 @@ def test_only_configs_that_measured_a_gain_ask_for_it():
 
     assert not default_train_config().keep_freed_memory  # t5_small's step was about 1.5x slower with it
     assert load_config("configs/multi30k.py").keep_freed_memory  # Transformer-tiny's was faster
+
+
+def test_decoding_commands_keep_freed_memory_and_train_leaves_it_to_the_config():
+    for entry in ("t5x_lite.evaluate", "t5x_lite.infer"):  # cli.run's default: beam search needs it
+        ran = _child(_ENTRY_CHILD, ENTRY=entry)
+        assert float(ran["faults"]) < 1600, entry
+    ran = _child(_ENTRY_CHILD, ENTRY="t5x_lite.train")  # main applies config.keep_freed_memory, later
+    assert float(ran["faults"]) > 1000
