@@ -97,8 +97,10 @@ def write_fairseq_data(task, vocab, workdir: str, fairseq_python: str) -> str:
     return data_bin
 
 
-def fairseq_arguments(config, model, data_bin: str, max_tokens: int, seed: int) -> list[str]:
-    """fairseq-train's arguments for the config's model (t5x_lite's TransformerConfig of it) and recipe."""
+def fairseq_arguments(config, vocab_size: int, data_bin: str, max_tokens: int, seed: int) -> list[str]:
+    """fairseq-train's arguments for the config's model (the train command's TransformerConfig of it, for a
+    vocabulary of ``vocab_size`` ids) and recipe."""
+    model = train._model_config(config, vocab_size)
     return [
         data_bin,
         "--arch", "transformer",
@@ -157,7 +159,7 @@ class T5xLiteSide:
     def __init__(self, config, task, vocab, plan=None):
         """With ``plan`` None the config's fixed batches (``batch_size`` rows, packed or padded) are used."""
         self.mesh, self.rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
-        model_cfg = train._model_config(config, vocab)
+        model_cfg = train._model_config(config, vocab.vocab_size)
         optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
         self.plan = plan
         data = pipeline.train_dataset(
@@ -303,7 +305,7 @@ def main(argv=None) -> None:
         data_bin = write_fairseq_data(task, vocab, args.workdir, args.fairseq_python)
         fairseq = FairseqSide(
             args.fairseq_python,
-            fairseq_arguments(config, train._model_config(config, vocab), data_bin, args.max_tokens, args.seed),
+            fairseq_arguments(config, vocab.vocab_size, data_bin, args.max_tokens, args.seed),
         )
         print(f"fairseq: {fairseq.info}", flush=True)
     else:
