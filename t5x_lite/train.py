@@ -135,8 +135,9 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
     return distillation, params
 
 
-def _model_config(config, vocab_size: int) -> network.TransformerConfig:
-    """The run's model: ``config.model``'s preset with its overrides, for a vocabulary of ``vocab_size`` ids."""
+def model_config(config, vocab_size: int) -> network.TransformerConfig:
+    """The run's model: ``config.model``'s preset with its overrides, for a vocabulary of ``vocab_size`` ids (what
+    the train command builds; benchmarks that mirror a train config use it too)."""
     overrides = config_files.given_model_overrides(config)
     if config.get("quantization"):  # with LoRA adapters QLoRA (a quantized base), else quantization-aware training
         overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
@@ -261,9 +262,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     task = TaskRegistry.get(config.task)
     eval_task = _eval_task(config, task)
     # a bad model name, override or lora_rows setting fails now, not after minutes of vocabulary training
-    rows_scale, b_scale = _adapter_lr_scales(config, _model_config(config, 128).lora_rank)
+    rows_scale, b_scale = _adapter_lr_scales(config, model_config(config, 128).lora_rank)
     vocab = _vocabulary(config, task, workdir)
-    model_cfg = _model_config(config, vocab.vocab_size)
+    model_cfg = model_config(config, vocab.vocab_size)
     if config.get("lora_rows", 0):  # the fine-tuning data's most frequent target tokens get trainable table rows
         rows = pipeline.most_frequent_tokens(task, vocab, config.lora_rows, data_dir=config.data_dir or None)
         model_cfg = model_cfg.replace(lora_rows=rows)

@@ -168,8 +168,8 @@ def test_model_config_sizes_the_vocabulary_as_the_train_command_does():
     """Without data, the plan's embedding rows are the train command's: the pieces (``config.vocab_size`` or the
     task's) plus the task's sentinels (none for Multi30k's tok/ task, 100 for T5's), padded to 128."""
     config = config_files.load_config(f"{REPO_ROOT}/configs/multi30k.py")
-    assert aot.model_config(config).vocab_size == train._model_config(config, 8000).vocab_size == 8064
+    assert aot.model_config(config).vocab_size == train.model_config(config, 8000).vocab_size == 8064
     config.vocab_size = 10000
-    assert aot.model_config(config).vocab_size == train._model_config(config, 10000).vocab_size == 10112
+    assert aot.model_config(config).vocab_size == train.model_config(config, 10000).vocab_size == 10112
     demo = tiny_config.get_config()  # synthetic_numbers: 256 pieces + 100 sentinels
-    assert aot.model_config(demo).vocab_size == train._model_config(demo, 356).vocab_size == 384
+    assert aot.model_config(demo).vocab_size == train.model_config(demo, 356).vocab_size == 384

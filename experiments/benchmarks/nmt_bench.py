@@ -100,7 +100,7 @@ def write_fairseq_data(task, vocab, workdir: str, fairseq_python: str) -> str:
 def fairseq_arguments(config, vocab_size: int, data_bin: str, max_tokens: int, seed: int) -> list[str]:
     """fairseq-train's arguments for the config's model (the train command's TransformerConfig of it, for a
     vocabulary of ``vocab_size`` ids) and recipe."""
-    model = train._model_config(config, vocab_size)
+    model = train.model_config(config, vocab_size)
     return [
         data_bin,
         "--arch", "transformer",
@@ -159,7 +159,7 @@ class T5xLiteSide:
     def __init__(self, config, task, vocab, plan=None):
         """With ``plan`` None the config's fixed batches (``batch_size`` rows, packed or padded) are used."""
         self.mesh, self.rules = partitioning.make_mesh(tuple(config.mesh_shape)), config.partitioning
-        model_cfg = train._model_config(config, vocab.vocab_size)
+        model_cfg = train.model_config(config, vocab.vocab_size)
         optimizer = optimizers.make_optimizer(config, logical_axes=network.param_logical_axes(model_cfg))
         self.plan = plan
         data = pipeline.train_dataset(
