@@ -1,5 +1,5 @@
 """The benchmark scripts that acceptance commands run still run: a refactor of a library helper they call
-(``train._model_config`` took a vocabulary size instead of a vocabulary) broke nmt_bench unnoticed."""
+(``train.model_config`` came to take a vocabulary size instead of a vocabulary) broke nmt_bench unnoticed."""
 
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ def test_nmt_bench_gives_fairseq_the_train_commands_model_and_recipe():
 
 
 def test_nmt_bench_times_t5x_lite_alone_without_fairseq(shared_data):
-    command = [sys.executable, os.path.join(BENCHMARKS, "nmt_bench.py"), "--updates", "2", "--rounds", "1"]
     out = subprocess.run(
-        [*command, "--warmup", "1"],
+        [sys.executable, os.path.join(BENCHMARKS, "nmt_bench.py"), "--updates", "2", "--rounds", "1", "--warmup", "1"],
         env=cpu_subprocess_env(T5X_LITE_DATA=str(shared_data)),
         cwd=REPO_ROOT,
         capture_output=True,
