@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from t5x_lite import config_files, flops, network, optimizers, partitioning, tpu_topology, trainer  # noqa: E402
-from t5x_lite.presets import embedding_rows, get_model_config  # noqa: E402
+from t5x_lite.presets import get_model_config  # noqa: E402
 from t5x_lite.tpu_topology import GiB, Topology, parse_topology, quiet_stderr, topology_devices  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,21 +87,18 @@ class Plan:
 
 
 def model_config(config: Any) -> network.TransformerConfig:
-    """The run's TransformerConfig without reading data: the vocabulary's size (``config.vocab_size`` or the task's
-    SentencePiece pieces, plus the task's sentinels, padded to a multiple of 128 as ``train.py`` does) unless
-    ``model_overrides.vocab_size`` is set."""
+    """The run's TransformerConfig without reading data: what the train command builds, for the vocabulary's
+    size it will have (``config.vocab_size`` or the task's SentencePiece pieces, plus the task's sentinels;
+    a given SentencePiece model: the preset's vocabulary)."""
     from t5x_lite.data.tasks import TaskRegistry
 
-    overrides = config_files.given_model_overrides(config)
-    if "vocab_size" not in overrides:
-        task = TaskRegistry.get(config.task)
-        first = task.tasks()[0] if hasattr(task, "tasks") else task
-        if first.vocab_path:  # a given SentencePiece model: its size is that of the preset's vocabulary
-            overrides["vocab_size"] = get_model_config(config.model).vocab_size
-        else:
-            pieces = config.get("vocab_size", 0) or first.vocab_size
-            overrides["vocab_size"] = embedding_rows(pieces + first.extra_ids)
-    return get_model_config(config.model, **overrides)
+    task = TaskRegistry.get(config.task)
+    first = task.tasks()[0] if hasattr(task, "tasks") else task
+    if first.vocab_path:  # a given SentencePiece model: its size is that of the preset's vocabulary
+        ids = get_model_config(config.model).vocab_size
+    else:
+        ids = (config.get("vocab_size", 0) or first.vocab_size) + first.extra_ids
+    return config_files.model_config(config, ids)
 
 
 def task_lengths(config: Any) -> tuple[int, int]:

@@ -82,6 +82,24 @@ def given_model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {key: value for key, value in config.model_overrides.items() if value is not None}
 
 
+def model_config(config: ml_collections.ConfigDict, vocab_ids: int) -> Any:
+    """The run's TransformerConfig: ``config.model``'s preset with its overrides (and ``config.quantization``:
+    QLoRA with LoRA adapters, else quantization-aware training) for a vocabulary of ``vocab_ids`` ids, its
+    embedding rows padded to a multiple of 128 unless ``model_overrides.vocab_size`` sets them."""
+    from t5x_lite.presets import embedding_rows, get_model_config
+
+    overrides = given_model_overrides(config)
+    rows = overrides.pop("vocab_size", None) or embedding_rows(vocab_ids)
+    if rows < vocab_ids:
+        raise ValueError(
+            f"model_overrides.vocab_size={rows} gives fewer embedding rows than the vocabulary's {vocab_ids} ids: "
+            "raise it or drop it (the rows are then the vocabulary's, padded to a multiple of 128)"
+        )
+    if config.get("quantization"):
+        overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
+    return get_model_config(config.model, vocab_size=rows, **overrides)
+
+
 def default_train_config() -> ml_collections.ConfigDict:
     """Every key ``t5x_lite.train`` reads, with defaults; experiment configs override what they change."""
     config = ml_collections.ConfigDict()

@@ -45,7 +45,6 @@ from t5x_lite.data import pipeline
 from t5x_lite.data.tasks import Mixture, Task, TaskRegistry, task_vocabulary
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.evaluation import evaluate_split
-from t5x_lite.presets import embedding_rows, get_model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/demo.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the vocabulary.")
@@ -135,13 +134,7 @@ def _teacher(config, vocab: Vocabulary, verbose: bool) -> tuple[trainer.Distilla
     return distillation, params
 
 
-def model_config(config, vocab_size: int) -> network.TransformerConfig:
-    """The run's model: ``config.model``'s preset with its overrides, for a vocabulary of ``vocab_size`` ids (what
-    the train command builds; benchmarks that mirror a train config use it too)."""
-    overrides = config_files.given_model_overrides(config)
-    if config.get("quantization"):  # with LoRA adapters QLoRA (a quantized base), else quantization-aware training
-        overrides["quantization" if overrides.get("lora_rank") else "qat"] = config.quantization
-    return get_model_config(config.model, vocab_size=embedding_rows(vocab_size), **overrides)
+model_config = config_files.model_config  # the run's model for a vocabulary size (benchmarks mirror it too)
 
 
 def _relative_lr(config, key: str, applies: bool, needs: str) -> float:

@@ -173,3 +173,16 @@ def test_model_config_sizes_the_vocabulary_as_the_train_command_does():
     assert aot.model_config(config).vocab_size == train.model_config(config, 10000).vocab_size == 10112
     demo = tiny_config.get_config()  # synthetic_numbers: 256 pieces + 100 sentinels
     assert aot.model_config(demo).vocab_size == train.model_config(demo, 356).vocab_size == 384
+    config.quantization = "int8"  # the plan compiles the quantization-aware model the train command trains
+    assert aot.model_config(config).qat == train.model_config(config, 10000).qat == "int8"
+
+
+def test_model_overrides_vocab_size_sets_the_rows_and_may_not_drop_ids():
+    """``model_overrides.vocab_size`` sets the embedding rows (more than the vocabulary's ids: a padded table, as
+    T5's 32,128); fewer rows than ids is refused with what to do, not a shape error later."""
+    config = tiny_config.get_config()
+    config.model_overrides.vocab_size = 1024
+    assert aot.model_config(config).vocab_size == train.model_config(config, 356).vocab_size == 1024
+    config.model_overrides.vocab_size = 300
+    with pytest.raises(ValueError, match=r"model_overrides.vocab_size=300 gives fewer embedding rows than .* 356 ids"):
+        train.model_config(config, 356)
