@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -93,14 +92,11 @@ def device_bytes(compiled) -> int | None:
 
 def measure(run: dict, args: argparse.Namespace) -> dict:
     """Compile and time one run; the returned record carries its figures or its error."""
-    bench_args = types.SimpleNamespace(
-        model=run["model"],
-        dropout=0.0,  # T5 v1.1 pre-trains without dropout; the fused kernels have none
-        dtype=args.dtype,
-        remat=run["remat"],
-        scan=False,
-        attention_kernel=run["kernel"],
-    )
+    # train_bench's own arguments, so that an option it gains has its default here too
+    bench_args = train_bench.parse_args(
+        ["--model", run["model"], "--dropout", "0", "--dtype", args.dtype, "--remat", run["remat"]]
+        + ["--attention_kernel", run["kernel"]]
+    )  # dropout 0: T5 v1.1 pre-trains without dropout; the fused kernels have none
     cfg = train_bench.get_model_config(run["model"])
     batch = train_bench.make_batch(cfg.vocab_size, run["batch"], args.input_len, args.target_len)
     start = time.perf_counter()
