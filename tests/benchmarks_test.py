@@ -34,21 +34,6 @@ def test_nmt_bench_gives_fairseq_the_train_commands_model_and_recipe():
     assert (value["--max-tokens"], value["--seed"]) == ("4096", "3")
 
 
-def test_nmt_bench_times_t5x_lite_alone_without_fairseq(shared_data):
-    out = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, "nmt_bench.py"), "--updates", "2", "--rounds", "1", "--warmup", "1"],
-        env=cpu_subprocess_env(T5X_LITE_DATA=str(shared_data)),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "no --fairseq_python: timing t5x_lite alone (no ratio)" in out.stdout
-    assert "t5x_lite: batch_tokens 4096" in out.stdout
-    assert "round 1: t5x_lite " in out.stdout and "ratio (t5x_lite" not in out.stdout
-
-
 def _run_quick(script: str, *arguments: str, **env: str) -> str:
     """stdout of ``experiments/benchmarks/SCRIPT`` run with ``arguments`` on the CPU; fails with its stderr."""
     out = subprocess.run(
@@ -61,6 +46,15 @@ def _run_quick(script: str, *arguments: str, **env: str) -> str:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def test_nmt_bench_times_t5x_lite_alone_without_fairseq(shared_data):
+    stdout = _run_quick(
+        "nmt_bench.py", "--updates", "2", "--rounds", "1", "--warmup", "1", T5X_LITE_DATA=str(shared_data)
+    )
+    assert "no --fairseq_python: timing t5x_lite alone (no ratio)" in stdout
+    assert "t5x_lite: batch_tokens 4096" in stdout
+    assert "round 1: t5x_lite " in stdout and "ratio (t5x_lite" not in stdout
 
 
 def test_train_bench_quick_prints_both_sides_and_the_ratio():
