@@ -39,7 +39,11 @@ Result:    measured with ``:steps=1000`` from a 4,000-step configs/multi30k.py m
            (3,000); rank 4 with 300 rows 33.96 and 35.41, LoRA+ 33.94 (1,000): some 6 BLEU short there too.
            TED from the same base (``tgt=ted,steps=1000``, test split): full fine-tuning 7.43; rank 4 with 300
            rows (``lora_rank=4,lora_rows=300,lr=0.03``) 5.50, 1.9 BLEU short; at ``steps=3000`` 8.74 and 6.01
-           (experiments/results/lora_ted.json).
+           (experiments/results/lora_ted.json). From a 4x larger base (d_model 256, FFN 1,024, 9.47M parameters;
+           2026-12-06, experiments/results/lora_wide.json; pass the base's ``--config.model_overrides.d_model=256
+           --config.model_overrides.d_ff=1024`` here too): full fine-tuning 44.44; rank 8 with 400 rows
+           (``lora_rank=8,lora_rows=400,lr=0.01``, 4.89% trainable) 39.51, 4.9 short; rank 4 with 1,100 rows
+           (``lr=0.03``) 37.20; rank 8 at ``lr=0.03`` diverged.
 
 ``init_from`` is a workdir of configs/multi30k.py (any step count); its vocabulary (a joint En/De BPE) is kept, so
 French is spelled in En/De pieces. The task ``multi30k_en{tgt}_tok`` lowercases and Moses-tokenizes the raw files
